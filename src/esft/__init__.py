@@ -1,0 +1,3 @@
+"""Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""Making only the selected experts trainable when transformers fuses all experts in one tensor.
+
+transformers 5.x keeps a layer's routed experts as ``gate_up_proj`` [E, 2I, H] and
+``down_proj`` [E, H, I]; ``requires_grad`` cannot freeze part of a tensor, and training the
+whole tensor would make gradients and AdamW state scale with E. So each MoE layer's experts
+module is swapped (PEFT-style, the model's code is untouched) for :class:`ESFTExperts`:
+
+    ESFTExperts
+      base     the original fused module, frozen, still holding all E experts
+      trained  a second instance of the *same class* holding only the S selected experts
+               ([S, 2I, H], [S, H, I]), trainable
+
+After routing, each token's expert ids are split: ids of selected experts are rewritten to
+their slot in ``trained`` and to the sentinel E in ``base``; the others keep their id in
+``base`` and get the sentinel S in ``trained``. Every transformers experts implementation
+(eager loop, batched_mm, grouped_mm) skips sentinel ids once the
+module's expert-parallel flag is set (that is what the flag means in transformers), so both halves run the model's own
+expert code and the output is their sum. Gradients, and so optimizer state, exist only for the
+S selected experts; frozen experts compute input gradients only.
+
+One :class:`TrainablePlan` (name -> tensor) then drives the optimizer, checkpointing and the
+adapter file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..io import DataError
+from ..models.registry import MoEFamily, base_experts, get_family, moe_layers
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
+    """A shallow copy of a fused experts module that owns only rows ``ids`` of its weights."""
+    names = {n for n, _ in experts.named_parameters(recurse=False)}
+    if names != set(EXPERT_PARAMS):
+        raise NotImplementedError(
+            f"{type(experts).__name__} has parameters {sorted(names)}; ESFT supports fused experts with "
+            f"exactly {EXPERT_PARAMS} (no biases)"
+        )
+    sub = copy.copy(experts)
+    # copy.copy shares the registries of the original; give the copy its own.
+    sub._parameters = OrderedDict()
+    sub._buffers = OrderedDict(experts._buffers)
+    sub._modules = OrderedDict(experts._modules)
+    sub._forward_hooks = OrderedDict()
+    sub._forward_pre_hooks = OrderedDict()
+    idx = torch.tensor(ids, dtype=torch.long, device=experts.gate_up_proj.device)
+    for n in EXPERT_PARAMS:
+        setattr(sub, n, nn.Parameter(getattr(experts, n).detach().index_select(0, idx).clone()))
+    sub.num_experts = len(ids)
+    return sub
+
+
+class ESFTExperts(nn.Module):
+    """Fused experts with a trainable subset. forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]."""
+
+    def __init__(self, base: nn.Module, selected: list[int]):
+        super().__init__()
+        if not selected:
+            raise ValueError("ESFTExperts needs at least one selected expert")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.selected = list(selected)
+        self.trained = _subset_copy(base, self.selected)
+        # transformers' expert-parallel flag means "ids >= num_experts are sentinels": every
+        # experts implementation (eager, batched_mm, grouped_mm) then skips or zeroes them.
+        self._base_was_ep = getattr(base, "_is_expert_parallel", False)
+        base._is_expert_parallel = True
+        self.trained._is_expert_parallel = True
+        E = base.gate_up_proj.shape[0]
+        slot = torch.full((E,), -1, dtype=torch.long)
+        slot[torch.tensor(self.selected)] = torch.arange(len(self.selected))
+        self.register_buffer("slot_of", slot.to(base.gate_up_proj.device), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.base.num_experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        slot = self.slot_of[top_k_index]  # [N, K]; -1 where the expert is frozen
+        chosen = slot >= 0
+        base_idx = top_k_index.masked_fill(chosen, self.base.num_experts)  # sentinel: skipped by base
+        train_idx = slot.masked_fill(~chosen, len(self.selected))  # sentinel: skipped by trained
+        out = self.base(hidden_states, base_idx, top_k_weights.masked_fill(chosen, 0))
+        return out + self.trained(hidden_states, train_idx, top_k_weights.masked_fill(~chosen, 0))
+
+    @torch.no_grad()
+    def merged(self) -> dict[str, torch.Tensor]:
+        """The fused tensors with the trained rows written back: {"gate_up_proj": [E,2I,H], "down_proj": [E,H,I]}."""
+        idx = torch.tensor(self.selected, device=self.base.gate_up_proj.device)
+        out = {}
+        for n in EXPERT_PARAMS:
+            w = getattr(self.base, n).detach().clone()
+            w.index_copy_(0, idx, getattr(self.trained, n).detach().to(w.dtype))
+            out[n] = w
+        return out
+
+
+@dataclass
+class TrainablePlan:
+    """The one list of what trains. ``experts[layer][expert]`` -> (gate_up [2I,H] view, down [H,I] view)."""
+
+    family: MoEFamily
+    expert_cfg: dict
+    params: "OrderedDict[str, nn.Parameter]" = field(default_factory=OrderedDict)  # module name -> param
+    wrappers: dict[int, ESFTExperts] = field(default_factory=dict)  # layer -> wrapper
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.params.values())
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def adapter_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """Trained tensors under the base checkpoint's own key names (per-expert keys for routed experts)."""
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for layer, w in sorted(self.wrappers.items()):
+            gu, down = w.trained.gate_up_proj.detach(), w.trained.down_proj.detach()
+            inter = gu.shape[1] // 2
+            for s, e in enumerate(w.selected):
+                out[self.family.expert_key(layer, e, "gate")] = gu[s, :inter].contiguous()
+                out[self.family.expert_key(layer, e, "up")] = gu[s, inter:].contiguous()
+                out[self.family.expert_key(layer, e, "down")] = down[s].contiguous()
+        for name, p in self.params.items():
+            if ".trained." in name:
+                continue
+            out[self.family.checkpoint_name(name)] = p.detach().contiguous()
+        return out
+
+
+def validate_expert_cfg(model: nn.Module, expert_cfg: dict, source: str = "expert config") -> None:
+    """Raise DataError if the config names a layer or expert the model lacks (before any training)."""
+    layers = {l.index: l for l in moe_layers(model)}
+    for layer, experts in expert_cfg["experts"].items():
+        if layer not in layers:
+            raise DataError(
+                f"{source}: layer {layer} is not an MoE layer of this model (MoE layers: {sorted(layers)})"
+            )
+        E = layers[layer].num_experts
+        for e in experts:
+            if not 0 <= e < E:
+                raise DataError(f"{source}: layer {layer} expert {e} does not exist (the model has experts 0..{E - 1})")
+
+
+def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
+    """Freeze ``model`` except what ``expert_cfg`` names; swap in :class:`ESFTExperts`. In place."""
+    family = get_family(model)
+    validate_expert_cfg(model, expert_cfg)
+    layers = moe_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if expert_cfg.get("non_expert_modules"):
+        # Paper Table 3 ablation: everything except the routed experts trains as well.
+        routed = {id(p) for l in layers for p in base_experts(l.experts).parameters()}
+        for p in model.parameters():
+            if id(p) not in routed:
+                p.requires_grad_(True)
+    if expert_cfg.get("shared_experts"):
+        for l in layers:
+            for _, mod in l.shared:
+                for p in mod.parameters():
+                    p.requires_grad_(True)
+    for l in layers:
+        selected = expert_cfg["experts"].get(l.index, [])
+        if selected and not isinstance(l.experts, ESFTExperts):
+            setattr(l.block, family.experts_attr, ESFTExperts(l.experts, selected))
+    plan = TrainablePlan(family=family, expert_cfg=expert_cfg)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plan.params[name] = p
+    for l in moe_layers(model):
+        if isinstance(l.experts, ESFTExperts):
+            plan.wrappers[l.index] = l.experts
+    return plan
+
+
+@torch.no_grad()
+def unwrap_esft(model: nn.Module) -> nn.Module:
+    """Write trained experts back into the fused tensors and restore the original modules. In place."""
+    family = get_family(model)
+    for l in moe_layers(model):
+        if isinstance(l.experts, ESFTExperts):
+            merged = l.experts.merged()
+            base = l.experts.base
+            for n, w in merged.items():
+                getattr(base, n).copy_(w)
+            base._is_expert_parallel = l.experts._base_was_ep
+            setattr(l.block, family.experts_attr, base)
+    return model
