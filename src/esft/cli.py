@@ -1,0 +1,193 @@
+"""The ``esft`` command: profile -> select -> train -> merge, each a separate, composable step."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, build_config, field_help
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    _console().print(t)
+
+
+def cmd_profile(a) -> int:
+    from .profiling.profiler import concentration, uniform_concentration
+    from .profiling.run import ProfileConfig, run_profile
+
+    cfg = ProfileConfig(model=a.model, data=a.data, out=a.out, max_tokens=a.max_tokens, seq_len=a.seq_len,
+                        batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device)
+    prof = run_profile(cfg, progress=not a.quiet)
+    rows = []
+    for l in prof.layers:
+        tok = prof.token_scores[l]
+        rows.append([l, concentration(tok, 0.5), uniform_concentration(prof.num_experts, 0.5),
+                     f"{max(tok):.3f}", f"{sum(prof.gate_scores[l]):.3f}"])
+    _table(f"routing of {prof.num_tokens} tokens in {prof.num_sequences} sequences "
+           f"({prof.meta['tokens_per_second']:.0f} tok/s)",
+           ["layer", "experts for 50% of tokens", "uniform would need", "top token score", "sum of gate scores"], rows)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_select(a) -> int:
+    from .selection.run import run_select
+    from .selection.select import SelectConfig
+
+    cfg = SelectConfig(score_function=a.score_function, budget=a.budget, top_p=a.top_p, top_k=a.top_k,
+                       global_experts=a.global_experts, train_shared_experts=a.train_shared_experts,
+                       train_non_expert_modules=a.train_non_expert_modules, seed=a.seed)
+    res = run_select(a.scores, cfg, a.out, a.reference)
+    n = sum(len(v) for v in res["experts"].values())
+    rows = [[l, len(es), " ".join(map(str, es))] for l, es in res["experts"].items()]
+    _table(f"{n} experts selected ({cfg.score_function}, {cfg.budget})", ["layer", "count", "experts"], rows)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .training.config import TrainConfig
+    from .training.recipe import train
+
+    cfg = build_config(TrainConfig, a.config, a.overrides)
+    res = train(cfg, progress=not a.quiet)
+    _table("training", ["what", "value"], [
+        ["method", cfg.method], ["steps", res.steps], ["last train loss", f"{res.train_loss:.4f}"],
+        ["best valid loss", "-" if res.best_valid_loss is None else f"{res.best_valid_loss:.4f}"],
+        ["trainable parameters", f"{res.trainable_params:,}"],
+        ["optimizer state", f"{res.optimizer_state_bytes / 2**20:.2f} MiB"],
+        ["wall time", f"{res.seconds:.1f} s"], ["output", res.output_dir],
+        ["adapter", res.adapter_dir or "-"],
+    ])
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .adapter.io import merge_to_checkpoint
+
+    out = merge_to_checkpoint(a.model, a.adapter, a.out, dtype=a.dtype, overwrite=a.overwrite,
+                              allow_other_base=a.allow_other_base)
+    print(f"wrote merged checkpoint {out}")
+    return 0
+
+
+def cmd_make_tiny(a) -> int:
+    from .models.tiny import make_tiny_checkpoint, toy_task, write_jsonl
+
+    out = Path(a.out)
+    make_tiny_checkpoint(out / "model", family=a.family, seed=a.seed)
+    write_jsonl(toy_task(a.examples, seed=a.seed), out / "train.jsonl")
+    write_jsonl(toy_task(max(a.examples // 10, 8), seed=a.seed + 1), out / "valid.jsonl")
+    print(f"wrote a random tiny {a.family} checkpoint to {out / 'model'} and toy data to {out}/train.jsonl, valid.jsonl")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training.config import TrainConfig
+
+    p = argparse.ArgumentParser(prog="esft", description=(
+        "Expert-Specialized Fine-Tuning for Mixture-of-Experts LLMs: profile how a task's tokens are "
+        "routed, select the task's experts, train only those, save/merge a small expert adapter."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, quiet=True):
+        if quiet:
+            sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("profile", help="routing statistics (ESFT-Gate and ESFT-Token scores) of a task's data",
+                        description="Run the model over the task's data and score every routed expert of every "
+                        "MoE layer (per-sequence, per-layer normalised).")
+    sp.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    sp.add_argument("--data", required=True, help="task JSONL in the messages layout")
+    sp.add_argument("--out", required=True, help="scores summary JSON to write (reference layout)")
+    sp.add_argument("--max-tokens", type=int, default=131072, help="token budget (default: 131072 = 32 x 4096)")
+    sp.add_argument("--seq-len", type=int, default=4096, help="packed sequence length (default: 4096)")
+    sp.add_argument("--batch-size", type=int, default=1, help="packed sequences per forward pass (default: 1)")
+    sp.add_argument("--template", default="reference", choices=["reference", "chat"], help="prompt template")
+    sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    common(sp)
+    sp.set_defaults(func=cmd_profile)
+
+    sp = sub.add_parser("select", help="choose each layer's task experts from a scores summary",
+                        description="Write expert_cfg.json (reference layout) from a scores summary.")
+    sp.add_argument("--scores", required=True, help="scores summary JSON from `esft profile` (or the reference code)")
+    sp.add_argument("--out", required=True, help="expert_cfg.json to write")
+    sp.add_argument("--score-function", default="token", choices=["token", "gate"],
+                    help="token = ESFT-Token (selection ratio), gate = ESFT-Gate (average gate value)")
+    sp.add_argument("--budget", default="top_p", choices=["top_p", "top_k", "global", "random"],
+                    help="top_p: per-layer cumulative score (paper); top_k: k per layer; global: N experts over all "
+                    "layers; random: same per-layer counts as --reference, random experts (ablation)")
+    sp.add_argument("--top-p", type=float, default=0.2, help="cumulative score per layer (paper: 0.2 token, 0.1 gate)")
+    sp.add_argument("--top-k", type=int, default=4, help="experts per layer for --budget top_k")
+    sp.add_argument("--global-experts", type=int, default=0, help="total experts for --budget global")
+    sp.add_argument("--reference", help="expert_cfg.json whose per-layer counts --budget random copies")
+    sp.add_argument("--seed", type=int, default=0, help="seed for --budget random")
+    sp.add_argument("--train-shared-experts", action="store_true", help="also train the shared experts (ablation)")
+    sp.add_argument("--train-non-expert-modules", action="store_true",
+                    help="also train attention, norms, embeddings, routers (ablation)")
+    sp.set_defaults(func=cmd_select)
+
+    sp = sub.add_parser("train", help="train only the selected experts (or full fine-tuning)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train from a YAML config, with key=value overrides, e.g.\n"
+                        "  esft train --config train.yaml steps=20 lr=3e-5\n\nconfig keys:\n" + field_help(TrainConfig))
+    sp.add_argument("--config", help="YAML file of TrainConfig keys (see below)")
+    sp.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    common(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("merge", help="base checkpoint + expert adapter -> standalone checkpoint")
+    sp.add_argument("--model", required=True, help="base checkpoint directory")
+    sp.add_argument("--adapter", required=True, help="adapter directory (ours or the reference code's)")
+    sp.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    sp.add_argument("--dtype", default="auto", help="dtype to load and save in (auto keeps fp32 on CPU)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--allow-other-base", action="store_true", help="skip the check that the adapter was made on this base")
+    sp.set_defaults(func=cmd_merge)
+
+    sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
+    sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl)")
+    sp.add_argument("--family", default="deepseek_v2", help="model family (deepseek_v2, deepseek_v3, qwen2_moe, "
+                    "qwen3_moe, mixtral, olmoe)")
+    sp.add_argument("--examples", type=int, default=400, help="training examples of the toy task")
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
+    sp.set_defaults(func=cmd_make_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+        print(f"esft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"esft {args.command}: interrupted; finished artifacts are intact, unfinished ones were discarded",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Typed configs: one dataclass per concern, YAML files as saved arguments, ``key=value`` overrides.
+
+``build_config(TrainConfig, "train.yaml", ["lr=3e-5", "steps=20"])`` reads the YAML, applies the
+overrides (values parsed as YAML scalars), rejects unknown keys by name and checks types, and
+the dataclass's ``__post_init__`` validates values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(cls, name: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return value
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{cls.__name__}.{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, source: str = "config"):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _check_type(cls, k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def build_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value")
+    data.update(parse_overrides(overrides or []))
+    return from_dict(cls, data, source=str(path or "overrides"))
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def field_help(cls) -> str:
+    """One line per field: name, default, and the comment from the dataclass's ``help`` metadata."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "(required)"
+        lines.append(f"  {f.name:<24} default {default!r:<14} {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""`esft profile`: data -> packed sequences -> router hooks -> scores summary JSON."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.conversations import load_examples
+from ..data.packing import pack
+from ..io import DataError, write_json_atomic
+from ..models.loading import load_model
+from .profiler import RoutingProfile, profile_routing
+
+
+@dataclass
+class ProfileConfig:
+    model: str = field(default="", metadata={"help": "local checkpoint directory"})
+    data: str = field(default="", metadata={"help": "JSONL of conversations of the task"})
+    out: str = field(default="", metadata={"help": "where to write the scores summary JSON"})
+    max_tokens: int = field(default=131072, metadata={"help": "token budget (paper: 32 x 4096 = 131,072)"})
+    seq_len: int = field(default=4096, metadata={"help": "length of the packed sequences scores are averaged over"})
+    batch_size: int = field(default=1, metadata={"help": "packed sequences per forward pass"})
+    template: str = field(default="reference", metadata={"help": "reference or chat prompt template"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def __post_init__(self):
+        for name in ("max_tokens", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+def profile_batches(data_path: str, tokenizer, seq_len: int, max_tokens: int, batch_size: int,
+                    template: str = "reference"):
+    """Packed rows of the task's conversations, cut to the token budget, grouped into batches."""
+    packed = pack(load_examples(data_path, tokenizer, template), seq_len, tokenizer.pad_token_id)
+    rows, total = [], 0
+    for r in range(len(packed)):
+        if total >= max_tokens:
+            break
+        n = int(packed.attention_mask[r].sum())
+        keep = min(n, max_tokens - total)  # the last row is cut so the budget is exact
+        rows.append((r, keep))
+        total += keep
+    if not rows:
+        raise DataError(f"{data_path}: no tokens to profile")
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        idx = torch.tensor([r for r, _ in chunk])
+        ids = packed.input_ids[idx]
+        mask = packed.attention_mask[idx].clone()
+        for j, (_, keep) in enumerate(chunk):
+            mask[j, keep:] = 0
+        width = int(mask.sum(dim=1).max())  # no compute on columns that are padding in every row
+        batches.append({"input_ids": ids[:, :width], "attention_mask": mask[:, :width]})
+    return batches, total
+
+
+def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool = True) -> RoutingProfile:
+    from tqdm.auto import tqdm
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    device = next(model.parameters()).device
+    batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="tok", desc="profile", disable=not progress, dynamic_ncols=True) as bar:
+        prof = profile_routing(model, batches, progress=bar.update)
+    seconds = time.perf_counter() - t0
+    prof.meta.update({"data": str(cfg.data), "model": str(cfg.model), "seq_len": cfg.seq_len,
+                      "template": cfg.template, "seconds": round(seconds, 3),
+                      "tokens_per_second": round(prof.num_tokens / max(seconds, 1e-9), 1)})
+    if cfg.out:
+        write_json_atomic(Path(cfg.out), prof.to_summary())
+    return prof

@@ -1,0 +1,64 @@
+"""The training config (paper defaults; see the method notes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _f("", "local Hugging Face checkpoint directory of the base MoE model")
+    train_data: str = _f("", "JSONL of conversations ({'messages': [...]}) to learn")
+    output_dir: str = _f("", "where checkpoints, logs and the adapter go")
+    method: str = _f("esft", "esft (only the experts of expert_config) or full (full fine-tuning baseline)")
+    expert_config: str | None = _f(None, "expert_cfg.json from `esft select` (method=esft)")
+    valid_data: str | None = _f(None, "JSONL for validation; if unset, valid_fraction of train_data is held out")
+    valid_fraction: float = _f(0.05, "share of train_data held out for validation when valid_data is unset")
+    template: str = _f("reference", "prompt template: reference ('User: ...\\n\\nAssistant: ...') or chat (tokenizer's)")
+    seq_len: int = _f(4096, "packed sequence length in tokens")
+    overlong: str = _f("truncate", "examples longer than seq_len: truncate or drop (counts are reported)")
+    batch_size: int = _f(1, "packed sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    steps: int = _f(500, "optimizer steps")
+    lr: float = _f(1e-5, "learning rate (paper: ESFT 1e-5, full fine-tuning 3e-5)")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    warmup_steps: int = _f(0, "linear warmup steps, then constant (paper: constant)")
+    eval_every: int = _f(100, "steps between validation-loss evaluations (0 = only at the end)")
+    save_every: int = _f(100, "steps between resumable checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "resumable checkpoints kept on disk (oldest removed)")
+    log_every: int = _f(10, "steps between log lines / TensorBoard points")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    dtype: str = _f("auto", "auto (bf16 on a GPU with bf16, else fp32), float32 or bfloat16")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:1, ...")
+    seed: int = _f(5934875, "seed for data order and validation split")
+    overwrite: bool = _f(False, "replace an existing output_dir")
+    resume: bool = _f(False, "continue from the newest checkpoint in output_dir")
+    tensorboard: bool = _f(True, "write TensorBoard logs to output_dir/tb")
+    allow_other_base: bool = _f(False, "skip the base-model check when resuming")
+
+    def __post_init__(self):
+        if self.method not in ("esft", "full"):
+            raise ValueError(f"method must be esft or full, got {self.method!r}")
+        if self.method == "esft" and not self.expert_config:
+            raise ValueError("method=esft needs expert_config (the expert_cfg.json written by `esft select`)")
+        for name in ("model", "train_data", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template not in ("reference", "chat"):
+            raise ValueError(f"template must be reference or chat, got {self.template!r}")
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume exclude each other")
