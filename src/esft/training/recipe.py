@@ -196,8 +196,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     opt = make_optimizer(list(params.values()), cfg)
-    warm = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    def lr_at(step: int) -> float:  # linear warmup, then constant (the paper's schedule)
+        return cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
 
     start, best = 0, math.inf
     state = {"best_valid_loss": None, "base_model": base_fp}
@@ -209,8 +210,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                             f"({state.get('base_model')} vs {base_fp})")
         start = state["step"]
         best = state["best_valid_loss"] if state.get("best_valid_loss") is not None else math.inf
-        for _ in range(start):
-            sched.step()
         log.info("resumed from %s at step %d", ckpts[-1], start)
 
     writer = None
@@ -231,6 +230,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 rows = batch_rows(len(train_data), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -242,14 +243,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             opt.step()
-            sched.step()
             opt.zero_grad(set_to_none=True)
             last_loss = step_loss
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
             done = step + 1
             bar.set_postfix(loss=f"{loss_ema:.4f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = {"step": done, "loss": step_loss, "lr": sched.get_last_lr()[0]}
+                rec = {"step": done, "loss": step_loss, "lr": lr_at(step)}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 if writer:

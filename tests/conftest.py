@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def build_tiny(family="deepseek_v2", seed=0, **over):
+    """A tiny random model of ``family`` whose routers depend on the input."""
+    from transformers import AutoModelForCausalLM
+
+    from esft.models.tiny import tiny_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **over))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny DeepSeek-V2 checkpoint directory with tokenizer, plus toy task JSONL files."""
+    from esft.models.tiny import make_tiny_checkpoint, toy_task, write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(root / "model", family="deepseek_v2", seed=0)
+    write_jsonl(toy_task(120, seed=0), root / "train.jsonl")
+    write_jsonl(toy_task(16, seed=1), root / "valid.jsonl")
+    return root
