@@ -1,3 +1,46 @@
-"""Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts language models."""
+"""Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts language models.
+
+The Python API mirrors the CLI's steps (imported lazily, so ``import esft`` is cheap)::
+
+    from esft import load_model, profile_routing, select_experts, apply_esft, train
+    from esft import save_adapter, read_adapter, attach_adapter, merge_adapter, merge_to_checkpoint
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_model": "esft.models.loading",
+    "moe_layers": "esft.models.registry",
+    "FAMILIES": "esft.models.registry",
+    "ProfileConfig": "esft.profiling.run",
+    "run_profile": "esft.profiling.run",
+    "profile_routing": "esft.profiling.profiler",
+    "RouterObserver": "esft.profiling.profiler",
+    "SelectConfig": "esft.selection.select",
+    "select_experts": "esft.selection.select",
+    "expert_config": "esft.selection.select",
+    "read_scores": "esft.selection.select",
+    "read_expert_config": "esft.selection.select",
+    "apply_esft": "esft.training.experts",
+    "unwrap_esft": "esft.training.experts",
+    "ESFTExperts": "esft.training.experts",
+    "TrainConfig": "esft.training.config",
+    "train": "esft.training.recipe",
+    "save_adapter": "esft.adapter.io",
+    "read_adapter": "esft.adapter.io",
+    "attach_adapter": "esft.adapter.io",
+    "merge_adapter": "esft.adapter.io",
+    "merge_to_checkpoint": "esft.adapter.io",
+    "model_fingerprint": "esft.adapter.fingerprint",
+}
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'esft' has no attribute {name!r}")
+
+
+__all__ = sorted(_API)

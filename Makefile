@@ -1,0 +1,35 @@
+# One command for each job; each installs what it needs into .venv first.
+#   make test        the test suite (fast default; `make test-all` includes slow checks)
+#   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
+#   make bench       ESFT vs full fine-tuning efficiency figures
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,eval]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m ''
+
+quickstart: install
+	rm -rf runs/tiny
+	$(BIN)/esft make-tiny --out runs/tiny
+	$(BIN)/esft profile --model runs/tiny/model --data runs/tiny/train.jsonl --out runs/tiny/scores.json --seq-len 256 --batch-size 4
+	$(BIN)/esft select --scores runs/tiny/scores.json --score-function token --top-p 0.2 --out runs/tiny/expert_cfg.json
+	$(BIN)/esft train --config configs/train_tiny.yaml
+	$(BIN)/esft merge --model runs/tiny/model --adapter runs/tiny/esft/adapter --out runs/tiny/merged
+
+bench: install
+	$(BIN)/python benchmarks/train_efficiency.py
+
+.PHONY: install test test-all quickstart bench
