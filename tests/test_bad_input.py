@@ -106,3 +106,18 @@ def test_config_errors(tmp_path):
 def test_missing_checkpoint_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path / "nothing")
+
+
+def test_chat_template_option_learns_only_assistant_turns(tok):
+    from esft.data.conversations import IGNORE, encode_chat_template
+
+    tok = __import__("copy").deepcopy(tok)
+    with pytest.raises(DataError, match="no chat template"):
+        encode_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tok)
+    tok.chat_template = ("{% for m in messages %}<|{{m.role}}|>{{m.content}}{{ eos_token if m.role == 'assistant' "
+                         "else '' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    msgs = [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "x y"}]
+    ids, labels = encode_chat_template(msgs, tok)
+    assert tok.decode(ids) == "<|user|>Reverse: a b<|assistant|>b a<|eos|><|user|>again<|assistant|>x y<|eos|>"
+    assert tok.decode([t for t in labels if t != IGNORE]) == "b a<|eos|>x y<|eos|>"

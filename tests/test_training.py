@@ -160,3 +160,15 @@ def test_full_fine_tuning_baseline_trains_everything(tiny_dir, tmp_path):
     model, _ = load_model(tiny_dir / "model")
     assert res.trainable_params == sum(p.numel() for p in model.parameters())
     assert (tmp_path / "fft" / "last" / "config.json").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_expert_gradients():
+    a, b = build_tiny("deepseek_v2"), build_tiny("deepseek_v2")
+    pa, pb = apply_esft(a, {"experts": SEL}), apply_esft(b, {"experts": SEL})
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    a.train(), b.train()
+    ids, labels = _batch()
+    a(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+    b(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+    for p, q in zip(pa.parameters(), pb.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)

@@ -61,23 +61,30 @@ def encode_reference(messages: list[dict], tokenizer, mask_prompt: bool = True) 
     return ids, labels
 
 
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                        return_dict=False)
+    out = out["input_ids"] if hasattr(out, "keys") else out  # some versions return an encoding anyway
+    return list(out)
+
+
 def encode_chat_template(messages: list[dict], tokenizer, mask_prompt: bool = True) -> tuple[list[int], list[int]]:
-    """Tokenize with the tokenizer's chat template; assistant spans found by prefix rendering."""
+    """Tokenize with the tokenizer's chat template; assistant spans found by rendering prefixes."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("template=chat, but this tokenizer has no chat template; use template=reference")
     clean = [{"role": m["role"], "content": str(m["content"])} for m in messages]
-    full = tokenizer.apply_chat_template(clean, tokenize=True, return_dict=False)
-    full = list(full["input_ids"] if isinstance(full, dict) else full)
+    full = _chat_ids(tokenizer, clean)
+    if not mask_prompt:
+        return full, list(full)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(clean):
         if m["role"] != "assistant" or messages[i].get("mask", 0) == 1:
             continue
-        before = tokenizer.apply_chat_template(clean[:i], tokenize=True, add_generation_prompt=True) if i else []
-        upto = tokenizer.apply_chat_template(clean[: i + 1], tokenize=True)
-        before = list(before["input_ids"] if isinstance(before, dict) else before)
-        upto = list(upto["input_ids"] if isinstance(upto, dict) else upto)
-        for j in range(len(before), min(len(upto), len(full))):
-            labels[j] = full[j]
-    if not mask_prompt:
-        labels = list(full)
+        start = len(_chat_ids(tokenizer, clean[:i], generation_prompt=True))
+        end = min(len(_chat_ids(tokenizer, clean[: i + 1])), len(full))
+        labels[start:end] = full[start:end]
     return full, labels
 
 
