@@ -83,18 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--router-std", type=float, default=0.5,
                    help="std of the normal init of router weights (0 keeps transformers' init: near-uniform routing)")
     m.add_argument("--experts-impl", choices=["default", "grouped_mm", "batched_mm", "eager"], default="default",
-                   help="transformers experts implementation (default: what transformers picks, grouped_mm in 5.x)")
+                   help="transformers experts implementation for both methods (default: what transformers picks, grouped_mm in 5.x; batched_mm is very slow on CPU)")
     d = p.add_argument_group("data and batches")
     d.add_argument("--examples", type=int, default=2000, help="toy-task conversations (reverse a list of words)")
-    d.add_argument("--seq-len", type=int, default=256, help="packed sequence length in tokens")
+    d.add_argument("--seq-len", type=int, default=512, help="packed sequence length in tokens")
     d.add_argument("--batch-size", type=int, default=4, help="packed sequences per batch (profiling and training)")
-    d.add_argument("--profile-batches", type=int, default=6,
+    d.add_argument("--profile-batches", type=int, default=8,
                    help="batches profiled per pass (token budget = this x batch-size x seq-len)")
-    d.add_argument("--profile-repeats", type=int, default=5,
+    d.add_argument("--profile-repeats", type=int, default=9,
                    help="interleaved timed passes of profile_routing and of the plain forward (after one warm-up each)")
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=10, help="timed training steps per method (median reported)")
-    t.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up steps per method, run first")
+    t.add_argument("--steps", type=int, default=100, help="timed training steps per method (median reported)")
+    t.add_argument("--warmup-steps", type=int, default=3, help="untimed warm-up steps per method, run first")
     t.add_argument("--top-p", type=float, default=0.2, help="ESFT-Token top_p selection budget per layer")
     t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (does not affect timing)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")

@@ -10,9 +10,9 @@ module is swapped (PEFT-style, the model's code is untouched) for :class:`ESFTEx
       trained  a second instance of the *same class* holding only the S selected experts
                ([S, 2I, H], [S, H, I]), trainable
 
-After routing, each token's expert ids are split: ids of selected experts are rewritten to
-their slot in ``trained`` and to the sentinel E in ``base``; the others keep their id in
-``base`` and get the sentinel S in ``trained``. Every transformers experts implementation
+After routing, each token's expert ids are split: ids of selected experts become the sentinel
+E in ``base``, and the (token, expert) pairs that hit a selected expert are gathered and run
+through ``trained`` (one pair per row, id = the expert's slot), then added back. Every transformers experts implementation
 (eager loop, batched_mm, grouped_mm) skips sentinel ids once the
 module's expert-parallel flag is set (that is what the flag means in transformers), so both halves run the model's own
 expert code and the output is their sum. Gradients, and so optimizer state, exist only for the
@@ -89,9 +89,14 @@ class ESFTExperts(nn.Module):
         slot = self.slot_of[top_k_index]  # [N, K]; -1 where the expert is frozen
         chosen = slot >= 0
         base_idx = top_k_index.masked_fill(chosen, self.base.num_experts)  # sentinel: skipped by base
-        train_idx = slot.masked_fill(~chosen, len(self.selected))  # sentinel: skipped by trained
         out = self.base(hidden_states, base_idx, top_k_weights.masked_fill(chosen, 0))
-        return out + self.trained(hidden_states, train_idx, top_k_weights.masked_fill(~chosen, 0))
+        # Only the (token, slot) pairs routed to a selected expert go through `trained`, one pair
+        # per row (k=1): its cost follows the few pairs it serves, not all N x K.
+        tok, pos = chosen.nonzero(as_tuple=True)  # [P], [P]
+        if tok.numel() == 0:
+            return out
+        y = self.trained(hidden_states[tok], slot[tok, pos].unsqueeze(1), top_k_weights[tok, pos].unsqueeze(1))
+        return out.index_add(0, tok, y.to(out.dtype))
 
     @torch.no_grad()
     def merged(self) -> dict[str, torch.Tensor]:
