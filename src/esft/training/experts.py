@@ -89,7 +89,7 @@ class ESFTExperts(nn.Module):
         slot = self.slot_of[top_k_index]  # [N, K]; -1 where the expert is frozen
         chosen = slot >= 0
         base_idx = top_k_index.masked_fill(chosen, self.base.num_experts)  # sentinel: skipped by base
-        out = self.base(hidden_states, base_idx, top_k_weights.masked_fill(chosen, 0))
+        out = self._frozen(hidden_states, base_idx, top_k_weights.masked_fill(chosen, 0))
         # Only the (token, slot) pairs routed to a selected expert go through `trained`, one pair
         # per row (k=1): its cost follows the few pairs it serves, not all N x K.
         tok, pos = chosen.nonzero(as_tuple=True)  # [P], [P]
@@ -97,6 +97,15 @@ class ESFTExperts(nn.Module):
             return out
         y = self.trained(hidden_states[tok], slot[tok, pos].unsqueeze(1), top_k_weights[tok, pos].unsqueeze(1))
         return out.index_add(0, tok, y.to(out.dtype))
+
+    def _frozen(self, hidden_states, top_k_index, top_k_weights):
+        eager = getattr(type(self.base).forward, "__wrapped__", None)
+        if eager is not None and hidden_states.device.type == "cpu" and hidden_states.requires_grad:
+            # transformers' CPU fallback for grouped_mm always computes (and allocates) the weight
+            # gradient of all E experts, frozen or not; the model's own eager loop computes only the
+            # input gradient here, which is all that frozen experts need.
+            return eager(self.base, hidden_states, top_k_index, top_k_weights)
+        return self.base(hidden_states, top_k_index, top_k_weights)
 
     @torch.no_grad()
     def merged(self) -> dict[str, torch.Tensor]:
