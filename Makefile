@@ -1,4 +1,5 @@
 # One command for each job; each installs what it needs into .venv first.
+#   make demo        the main job: `esft demo` on the shipped small MoE (profile, select, train, evaluate)
 #   make test        the test suite (fast default; `make test-all` includes slow checks)
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
@@ -21,6 +22,15 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -m ''
 
+demo: install
+	$(BIN)/esft demo
+
+specialization: install
+	$(BIN)/python -m esft.embedded.specialization --out docs/specialization.md
+
+pretrain: install
+	$(BIN)/python -m esft.embedded.pretrain --out src/esft/embedded/model
+
 quickstart: install
 	rm -rf runs/tiny
 	$(BIN)/esft make-tiny --out runs/tiny
@@ -32,4 +42,4 @@ quickstart: install
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
-.PHONY: install test test-all quickstart bench
+.PHONY: install demo specialization pretrain test test-all quickstart bench

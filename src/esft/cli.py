@@ -98,6 +98,15 @@ def cmd_make_tiny(a) -> int:
     return 0
 
 
+def cmd_demo(a) -> int:
+    from .demo import DemoConfig, print_summary, run_demo
+
+    cfg = DemoConfig(task=a.task, score_function=a.score_function, top_p=a.top_p, out=a.out, model=a.model,
+                     steps=a.steps, lr=a.lr, seed=a.seed)
+    print_summary(run_demo(cfg, progress=not a.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import TrainConfig
 
@@ -163,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-other-base", action="store_true", help="skip the check that the adapter was made on this base")
     sp.set_defaults(func=cmd_merge)
 
+    sp = sub.add_parser("demo", help="the whole ESFT story on the shipped small MoE model (CPU, minutes)",
+                        description="Evaluate the shipped model on an adaptation task and on the general domains, "
+                        "profile, select experts, train only those, reload base + adapter, evaluate again, and "
+                        "print a before/after table.")
+    sp.add_argument("--task", default="intent_json", help="adaptation task: intent_json, translate_synth, "
+                    "word_problems, verdict_json (default: intent_json)")
+    sp.add_argument("--score-function", default="token", choices=["token", "gate"], help="ESFT-Token or ESFT-Gate")
+    sp.add_argument("--top-p", type=float, default=None, help="selection threshold (default: 0.2 token, 0.1 gate)")
+    sp.add_argument("--out", default="runs/demo", help="output directory, replaced on each run (default: runs/demo)")
+    sp.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    sp.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    sp.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for data and training")
+    common(sp)
+    sp.set_defaults(func=cmd_demo)
+
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
     sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl)")
     sp.add_argument("--family", default="deepseek_v2", help="model family (deepseek_v2, deepseek_v3, qwen2_moe, "
@@ -174,13 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .embedded import EmbeddedModelError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError, EmbeddedModelError) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
