@@ -70,3 +70,10 @@ def test_bad_scores_file(tmp_path):
         run_select(str(p), SelectConfig())
     with pytest.raises(ValueError, match="top_p must be in"):
         SelectConfig(top_p=1.5)
+
+
+def test_accepts_profile_lists_as_well_as_summary_dicts():
+    as_dict = {1: {0: 0.1, 1: 0.5, 2: 0.4}}
+    as_list = {1: [0.1, 0.5, 0.4]}
+    cfg = SelectConfig(top_p=0.6)
+    assert select_experts(as_list, cfg) == select_experts(as_dict, cfg) == {1: [1, 2]}

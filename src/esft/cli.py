@@ -98,6 +98,24 @@ def cmd_make_tiny(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from .eval.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, metric=a.metric, n=a.n,
+                     general=a.general, n_general=a.n_general, batch_size=a.batch_size,
+                     max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed)
+    s = run_eval(cfg)
+    rows = [["task", s["task"]], ["model", f"{cfg.model or 'shipped model'} ({s['model_kind']})"],
+            ["metric", s["metric"]], ["score", f"{s['score']:.2f}"], ["examples", s["n"]]]
+    if cfg.general:
+        rows.append(["general ability", f"{s['general_ability']:.2f}"])
+        rows += [[f"  {k}", f"{v:.1f}"] for k, v in s["general_per_domain"].items()]
+    _table("evaluation", ["what", "value"], rows)
+    if cfg.out:
+        print(f"wrote {cfg.out}/predictions.jsonl and summary.json")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import DemoConfig, print_summary, run_demo
 
@@ -171,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sp.add_argument("--allow-other-base", action="store_true", help="skip the check that the adapter was made on this base")
     sp.set_defaults(func=cmd_merge)
+
+    sp = sub.add_parser("eval", help="score a model (base, + ESFT or LoRA adapter, merged) on a task, locally",
+                        description="Greedy, batched generation on a suite task's eval split or a JSONL file "
+                        "(messages layout or the reference {prompt, answers} layout), scored with a local metric.")
+    sp.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    sp.add_argument("--adapter", default=None, help="ESFT adapter directory, or a PEFT/LoRA adapter directory")
+    sp.add_argument("--task", default=None, help="suite task name (e.g. intent_json); or use --data")
+    sp.add_argument("--data", default=None, help="JSONL file to evaluate; or use --task")
+    sp.add_argument("--metric", default=None, help="for --data: exact_match, intent_json, json_match, numeric, chrf")
+    sp.add_argument("--n", type=int, default=200, help="number of examples (default: 200)")
+    sp.add_argument("--general", action="store_true", help="also score general ability (held-out general domains)")
+    sp.add_argument("--n-general", type=int, default=50, help="examples per general domain (default: 50)")
+    sp.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
+    sp.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit (default: 48)")
+    sp.add_argument("--out", default=None, help="directory for predictions.jsonl and summary.json")
+    sp.add_argument("--seed", type=int, default=0, help="data seed for suite tasks")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="the whole ESFT story on the shipped small MoE model (CPU, minutes)",
                         description="Evaluate the shipped model on an adaptation task and on the general domains, "

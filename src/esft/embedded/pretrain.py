@@ -8,8 +8,10 @@ expert, dense first layer) -> train with next-token loss + a load-balancing auxi
 (transformers' Switch-style loss over the router logits the model returns) so that experts
 stay balanced -> save as a normal checkpoint directory, weights in bfloat16 (< 25 MB).
 
-The adaptation tasks are not in the pretraining data (their text is in the tokenizer's
-training text only, so their words have tokens): ESFT has something to learn.
+The adaptation tasks are covered only weakly: they make up ``--adaptation-share`` (default 2%)
+of the pretraining examples, like a base LLM that has seen JSON and foreign words but was never
+trained on these tasks. (With no coverage at all, the frozen embeddings and LM head of a model
+this small have never produced tokens such as JSON braces, and no expert subset can learn to.)
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ def model_config(vocab_size: int, bos: int, eos: int, pad: int, **over):
     return AutoConfig.for_model("deepseek_v2", **kw)
 
 
-def corpus(n_per_task: int, seed: int) -> tuple[list[tuple[str, str]], list[str]]:
-    """(prompt, answer) pairs of the general domains, and the tokenizer's training text (all tasks)."""
+def corpus(n_per_task: int, seed: int, adaptation_share: float = 0.02) -> tuple[list[tuple[str, str]], list[str]]:
+    """(prompt, answer) pairs: the general domains plus a small share of the adaptation tasks'
+    training splits; and the tokenizer's training text (all tasks)."""
     pairs = []
     for name in task_names("general"):
         pairs += generate_split(name, "train", n_per_task, seed)
+    adapt = task_names("adaptation")
+    n_adapt = int(len(pairs) * adaptation_share / max(1 - adaptation_share, 1e-9) / len(adapt))
+    for name in adapt:
+        pairs += generate_split(name, "train", n_adapt, seed + 1)  # eval prompts never occur in train splits
     random.Random(seed).shuffle(pairs)
     tok_text = [p + " " + a for p, a in pairs[:20000]]
-    for name in task_names("adaptation"):  # vocabulary only; no adaptation example is trained on
+    for name in adapt:
         tok_text += [p + " " + a for p, a in generate_split(name, "train", 2000, seed)]
     tok_text += ["User: \n\nAssistant:"] * 50
     return pairs, tok_text
@@ -73,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100, help="warmup steps")
     ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient")
     ap.add_argument("--examples-per-task", type=int, default=40000, help="training examples per general domain")
+    ap.add_argument("--adaptation-share", type=float, default=0.02,
+                    help="share of pretraining examples drawn from the adaptation tasks (weak coverage)")
     ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
     ap.add_argument("--seed", type=int, default=0, help="seed for data, init and order")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
     random.seed(a.seed)
     torch.manual_seed(a.seed)
 
-    pairs, tok_text = corpus(a.examples_per_task, a.seed)
+    pairs, tok_text = corpus(a.examples_per_task, a.seed, a.adaptation_share)
     tokenizer = train_tokenizer(tok_text, vocab_size=a.vocab_size)
     examples = []
     for p, ans in pairs:

@@ -79,7 +79,11 @@ def select_top_p(row: dict[int, float], p: float) -> list[int]:
 
 def select_experts(scores: dict[int, dict[int, float]], cfg: SelectConfig,
                    reference: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
-    """Layer -> selected expert ids, in selection order (best first)."""
+    """Layer -> selected expert ids, in selection order (best first).
+
+    ``scores``: layer -> {expert: score} (a summary file) or layer -> [score per expert] (a profile).
+    """
+    scores = {l: (dict(enumerate(row)) if isinstance(row, (list, tuple)) else row) for l, row in scores.items()}
     if cfg.budget == "top_p":
         return {l: select_top_p(row, cfg.top_p) for l, row in sorted(scores.items())}
     if cfg.budget == "top_k":

@@ -1,0 +1,60 @@
+"""esft eval: input layouts, generation against a hand-run greedy loop, metric wiring."""
+
+import json
+
+import pytest
+import torch
+
+from esft.eval.generate import generate
+from esft.eval.run import EvalConfig, read_eval_file, run_eval
+from esft.io import DataError
+from esft.models.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model(tiny_dir / "model")
+
+
+def test_batched_generation_equals_unbatched_greedy_loop(tiny):
+    model, tok = tiny
+    prompts = ["Reverse: red cat", "Reverse: one two three four", "Reverse: sun"]
+    got = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    for p, g in zip(prompts, got):  # independent: token-by-token argmax without cache or padding
+        from esft.data.conversations import prompt_text
+
+        ids = [tok.bos_token_id] + tok.encode(prompt_text(p), add_special_tokens=False)
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        assert g == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def test_reads_both_layouts(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text(json.dumps({"prompt": "q1", "answers": ["a", "b"]}) + "\n" +
+                 json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "c"}]}) + "\n")
+    assert read_eval_file(str(p)) == (["q1", "q2"], [["a", "b"], ["c"]])
+    p.write_text(json.dumps({"prompt": "q1"}) + "\n")
+    with pytest.raises(DataError, match="e.jsonl:1: 'answers' must be a non-empty list"):
+        read_eval_file(str(p))
+
+
+def test_run_eval_scores_predictions_and_writes_files(tiny, tmp_path):
+    model, tok = tiny
+    data = tmp_path / "d.jsonl"
+    prompts = ["Reverse: red cat", "Reverse: sun moon"]
+    preds = generate(model, tok, prompts, max_new_tokens=8)
+    # one reference equals the model's own prediction, the other cannot match: exact match must be 50
+    data.write_text(json.dumps({"prompt": prompts[0], "answers": [preds[0]]}) + "\n" +
+                    json.dumps({"prompt": prompts[1], "answers": ["\u2603 never"]}) + "\n")
+    s = run_eval(EvalConfig(data=str(data), max_new_tokens=8, out=str(tmp_path / "o")), model=model, tokenizer=tok)
+    assert s["score"] == 50.0 and s["n"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in rows] == [100.0, 0.0]
+    with pytest.raises(ValueError, match="exactly one of task"):
+        EvalConfig()
