@@ -13,7 +13,7 @@ from esft.training.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cmd", ["profile", "select", "train", "merge", "make-tiny"])
+@pytest.mark.parametrize("cmd", ["profile", "select", "train", "merge", "eval", "demo", "make-tiny"])
 def test_help_explains_every_option(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -23,12 +23,12 @@ def test_shipped_model_loads_offline_and_is_a_deepseek_v2_moe():
 
 
 def test_missing_or_corrupted_checkpoint_says_how_to_rebuild(tmp_path):
-    with pytest.raises(EmbeddedModelError, match="missing.*rebuild it with:.*esft.embedded.pretrain"):
+    with pytest.raises(EmbeddedModelError, match=r"(?s)missing.*rebuild it with:.*esft.embedded.pretrain"):
         embedded_model_dir(tmp_path)
     bad = tmp_path / "bad"
     shutil.copytree(MODEL_DIR, bad)
     (bad / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(EmbeddedModelError, match="corrupted.*rebuild it with"):
+    with pytest.raises(EmbeddedModelError, match=r"(?s)corrupted.*rebuild it with"):
         embedded_model_dir(bad)
 
 

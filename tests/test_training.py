@@ -172,3 +172,19 @@ def test_gradient_checkpointing_gives_the_same_expert_gradients():
     b(input_ids=ids, labels=labels, use_cache=False).loss.backward()
     for p, q in zip(pa.parameters(), pb.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_lora_baseline_trains_attention_and_expert_adapters(tiny_dir, tmp_path):
+    """PEFT LoRA (rank 8, attention + fused expert tensors); the saved adapter reloads with esft eval's loader."""
+    from esft.eval.run import load_for_eval
+
+    (tiny_dir / "cfg_train.json").write_text(json.dumps({"experts": {"1": [0, 3], "2": [5]}}))
+    res = train(_cfg(tiny_dir, tmp_path / "lora", method="lora", expert_config=None, steps=2), progress=False)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    base, _ = load_model(tiny_dir / "model")
+    assert 0 < res.trainable_params < sum(p.numel() for p in base.parameters()) / 2  # tiny model: rank 8 is large here
+    model, _, kind = load_for_eval(str(tiny_dir / "model"), str(tmp_path / "lora" / "adapter"))
+    assert kind == "lora"
+    changed = [n for (n, p), (_, q) in zip(sorted(base.state_dict().items()), sorted(model.state_dict().items()))
+               if not torch.equal(p, q)]
+    assert any("self_attn" in n for n in changed) and any("experts" in n for n in changed)

@@ -211,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate the shipped model on an adaptation task and on the general domains, "
                         "profile, select experts, train only those, reload base + adapter, evaluate again, and "
                         "print a before/after table.")
-    sp.add_argument("--task", default="intent_json", help="adaptation task: intent_json, translate_synth, "
-                    "word_problems, verdict_json (default: intent_json)")
+    sp.add_argument("--task", default="translate_synth", help="adaptation task: translate_synth, intent_json, "
+                    "word_problems, verdict_json (default: translate_synth)")
     sp.add_argument("--score-function", default="token", choices=["token", "gate"], help="ESFT-Token or ESFT-Gate")
     sp.add_argument("--top-p", type=float, default=None, help="selection threshold (default: 0.2 token, 0.1 gate)")
     sp.add_argument("--out", default="runs/demo", help="output directory, replaced on each run (default: runs/demo)")
     sp.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
-    sp.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    sp.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     sp.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     sp.add_argument("--seed", type=int, default=0, help="seed for data and training")
     common(sp)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 @dataclass
 class DemoConfig:
-    task: str = field(default="intent_json", metadata={"help": "adaptation task to learn"})
+    task: str = field(default="translate_synth", metadata={"help": "adaptation task to learn"})
     score_function: str = field(default="token", metadata={"help": "token (ESFT-Token) or gate (ESFT-Gate)"})
     top_p: float | None = field(default=None, metadata={"help": "selection threshold (default: 0.2 token, 0.1 gate)"})
     out: str = field(default="runs/demo", metadata={"help": "output directory (replaced)"})
@@ -28,7 +28,7 @@ class DemoConfig:
     n_valid: int = field(default=100, metadata={"help": "validation examples"})
     n_eval: int = field(default=200, metadata={"help": "task eval examples"})
     n_general: int = field(default=50, metadata={"help": "eval examples per general domain"})
-    steps: int = field(default=200, metadata={"help": "training steps"})
+    steps: int = field(default=300, metadata={"help": "training steps"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     batch_size: int = field(default=16, metadata={"help": "packed rows per step"})
     seq_len: int = field(default=256, metadata={"help": "packed row length"})

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
-REBUILD = "python -m esft.embedded.pretrain --out src/esft/embedded/model   (about 25 minutes on a 2-core CPU)"
+REBUILD = "python -m esft.embedded.pretrain --out src/esft/embedded/model   (about 22 minutes on a 2-core CPU)"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 

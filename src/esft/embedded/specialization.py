@@ -104,7 +104,7 @@ def write_report(res: dict, out_md: Path, command: str) -> None:
         for j in range(len(names)):
             ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", color="w" if mat[i, j] < 0.6 else "k", fontsize=7)
     fig.colorbar(im, ax=ax, label="Jaccard overlap of selected experts")
-    ax.set_title("Selected experts (ESFT-Token, p=%.1f): overlap between tasks" % res["top_p"])
+    ax.set_title("Overlap of selected experts (ESFT-Token, p=%.1f)" % res["top_p"])
     fig.tight_layout()
     fig.savefig(f"{stem}_overlap.png", dpi=110)
     plt.close(fig)

@@ -14,7 +14,7 @@ class TrainConfig:
     model: str = _f("", "local Hugging Face checkpoint directory of the base MoE model")
     train_data: str = _f("", "JSONL of conversations ({'messages': [...]}) to learn")
     output_dir: str = _f("", "where checkpoints, logs and the adapter go")
-    method: str = _f("esft", "esft (only the experts of expert_config) or full (full fine-tuning baseline)")
+    method: str = _f("esft", "esft (only the experts of expert_config), full (full fine-tuning) or lora (PEFT LoRA baseline)")
     expert_config: str | None = _f(None, "expert_cfg.json from `esft select` (method=esft)")
     valid_data: str | None = _f(None, "JSONL for validation; if unset, valid_fraction of train_data is held out")
     valid_fraction: float = _f(0.05, "share of train_data held out for validation when valid_data is unset")
@@ -42,10 +42,12 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir")
     tensorboard: bool = _f(True, "write TensorBoard logs to output_dir/tb")
     allow_other_base: bool = _f(False, "skip the base-model check when resuming")
+    lora_rank: int = _f(8, "LoRA rank (method=lora; paper: 8, on attention and expert weights)")
+    lora_alpha: int = _f(16, "LoRA alpha (method=lora)")
 
     def __post_init__(self):
-        if self.method not in ("esft", "full"):
-            raise ValueError(f"method must be esft or full, got {self.method!r}")
+        if self.method not in ("esft", "full", "lora"):
+            raise ValueError(f"method must be esft, full or lora, got {self.method!r}")
         if self.method == "esft" and not self.expert_config:
             raise ValueError("method=esft needs expert_config (the expert_cfg.json written by `esft select`)")
         for name in ("model", "train_data", "output_dir"):

@@ -69,6 +69,22 @@ def full_plan(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())
 
 
+ATTENTION_PROJ = r".*\.self_attn\.(q_proj|q_a_proj|q_b_proj|k_proj|v_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+
+
+def lora_wrap(model: nn.Module, cfg: TrainConfig):
+    """The paper's LoRA baseline via PEFT: rank r on attention projections and on the fused expert tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..models.registry import get_family
+
+    fam = get_family(model)
+    targets = [f"{fam.moe_attr}.{fam.experts_attr}.gate_up_proj", f"{fam.moe_attr}.{fam.experts_attr}.down_proj"]
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=ATTENTION_PROJ,
+                      target_parameters=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
 def _split_valid(train: Packed, fraction: float, seed: int) -> tuple[Packed, Packed | None]:
     n = len(train)
     k = int(round(n * fraction))
@@ -186,6 +202,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         expert_cfg = read_expert_config(cfg.expert_config)
         plan = apply_esft(model, expert_cfg)  # validates layers/experts before anything trains
         params = dict(plan.params)
+    elif cfg.method == "lora":
+        model = lora_wrap(model, cfg)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
         params = full_plan(model)
     train_data, valid_data = load_data(cfg, tokenizer)
@@ -222,6 +241,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     def save_best(step: int):
         if plan is not None:
             save_adapter(plan, out / "adapter", base_fp, {**meta, "step": step, "valid_loss": best})
+        elif cfg.method == "lora":
+            with atomic_dir(out / "adapter") as tmp:
+                model.save_pretrained(str(tmp))
 
     model.train()
     t0 = time.perf_counter()
@@ -278,10 +300,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if valid_data is None:
             save_adapter(plan, out / "adapter", base_fp, {**meta, "step": cfg.steps})
         adapter_dir = str(out / "adapter")
-    else:
+    else:  # full: a whole checkpoint; lora: the PEFT adapter directory
         with atomic_dir(out / "last") as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+        if cfg.method == "lora":
+            if valid_data is None:
+                with atomic_dir(out / "adapter") as tmp:
+                    model.save_pretrained(str(tmp))
+            adapter_dir = str(out / "adapter")
     return TrainResult(
         output_dir=str(out), steps=cfg.steps, train_loss=last_loss,
         best_valid_loss=None if best == math.inf else best,
