@@ -52,3 +52,14 @@ def test_few_esft_steps_on_the_shipped_model_end_to_end(tmp_path):
     assert 0 <= s["task_score_after"] <= 100 and 0 <= s["general_after"] <= 100
     assert (tmp_path / "demo" / "train" / "adapter" / "adapter.safetensors").exists()
     assert s["best_valid_loss"] is not None
+
+
+def test_pretraining_script_is_deterministic(tmp_path):
+    """Same seed -> byte-identical checkpoint (a short run; the shipped one is the same script at full length)."""
+    from esft.embedded.pretrain import main
+
+    args = ["--steps", "3", "--examples-per-task", "300", "--batch-size", "4", "--seq-len", "128", "--vocab-size", "600"]
+    assert main(["--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["--out", str(tmp_path / "b"), *args]) == 0
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

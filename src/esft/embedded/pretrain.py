@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
+    torch.use_deterministic_algorithms(True)  # same seed -> same checkpoint, not merely a similar one
     random.seed(a.seed)
     torch.manual_seed(a.seed)
 
