@@ -37,8 +37,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    import torch
-
     from .adapter.io import attach_adapter, read_adapter
     from .embedded import embedded_model_dir
     from .eval.generate import evaluate_task, general_ability
@@ -119,7 +117,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         for p, ref, b, a in zip(after.prompts, after.references, before.predictions, after.predictions):
             f.write(json.dumps({"prompt": p, "answer": ref, "base": b, "esft": a}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    del torch
     return summary
 
 
