@@ -113,3 +113,10 @@ def test_interrupted_save_leaves_previous_adapter_intact(trained, tmp_path):
             raise KeyboardInterrupt
     assert (target / "adapter.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary leftovers
+
+
+def test_merge_into_a_wrapped_model_is_refused(trained, tiny_dir):
+    model, _ = load_model(tiny_dir / "model")
+    apply_esft(model, {"experts": SEL})
+    with pytest.raises(AdapterError, match="wrapped for ESFT training"):
+        merge_adapter(model, trained["dir"])

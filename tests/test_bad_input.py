@@ -121,3 +121,20 @@ def test_chat_template_option_learns_only_assistant_turns(tok):
     ids, labels = encode_chat_template(msgs, tok)
     assert tok.decode(ids) == "<|user|>Reverse: a b<|assistant|>b a<|eos|><|user|>again<|assistant|>x y<|eos|>"
     assert tok.decode([t for t in labels if t != IGNORE]) == "b a<|eos|>x y<|eos|>"
+
+
+def test_validation_set_with_nothing_to_score_is_refused(tiny_dir, tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"experts": {"1": [1]}}))
+    long = json.dumps({"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]})
+    _write(tmp_path / "v.jsonl", [long, long])
+    with pytest.raises(DataError, match="v.jsonl: no validation tokens left"):
+        train(_cfg(tiny_dir, tmp_path, valid_data=str(tmp_path / "v.jsonl"), overlong="drop"), progress=False)
+
+
+def test_system_message_prefixes_the_next_user_turn(tok):
+    from esft.data.conversations import encode_reference
+
+    with_sys, _ = encode_reference([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "ok"}], tok)
+    assert "User: Be brief.\nHi\n\nAssistant: ok" in tok.decode(with_sys)
+    assert tok.decode(with_sys).count("Assistant:") == 1

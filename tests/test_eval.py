@@ -58,3 +58,13 @@ def test_run_eval_scores_predictions_and_writes_files(tiny, tmp_path):
     assert [r["score"] for r in rows] == [100.0, 0.0]
     with pytest.raises(ValueError, match="exactly one of task"):
         EvalConfig()
+
+
+def test_generation_works_without_a_bos_token(tiny):
+    import copy
+
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.bos_token = None  # as Qwen-MoE tokenizers
+    assert tok.bos_token_id is None
+    assert len(generate(model, tok, ["Reverse: red cat"], max_new_tokens=3)) == 1

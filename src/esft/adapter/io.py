@@ -176,6 +176,8 @@ def merge_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow_
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
     if not allow_other_base:
         check_base(model, adapter)
+    if any(isinstance(l.experts, ESFTExperts) for l in moe_layers(model)):
+        raise AdapterError("this model is wrapped for ESFT training: use attach_adapter, or unwrap_esft it first")
     routed, rest = _split(adapter, model)
     layers = {l.index: base_experts(l.experts) for l in moe_layers(model)}
     for (l, e), parts in sorted(routed.items()):

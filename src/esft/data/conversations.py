@@ -48,9 +48,14 @@ def encode_reference(messages: list[dict], tokenizer, mask_prompt: bool = True) 
     if tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE)  # nothing predicts the first token
+    system = ""
     for m in messages:
-        if m["role"] in ("user", "system"):
-            toks = tokenizer.encode(prompt_text(m["content"]), add_special_tokens=False)
+        if m["role"] == "system":  # the reference template has no system slot: prefix the next user turn
+            system += str(m["content"]).strip() + "\n"
+            continue
+        if m["role"] == "user":
+            toks = tokenizer.encode(prompt_text(system + str(m["content"])), add_special_tokens=False)
+            system = ""
             ids += toks
             labels += [IGNORE] * len(toks) if mask_prompt else toks
         else:
@@ -82,7 +87,11 @@ def encode_chat_template(messages: list[dict], tokenizer, mask_prompt: bool = Tr
     for i, m in enumerate(clean):
         if m["role"] != "assistant" or messages[i].get("mask", 0) == 1:
             continue
-        start = len(_chat_ids(tokenizer, clean[:i], generation_prompt=True))
+        prefix = _chat_ids(tokenizer, clean[:i], generation_prompt=True)
+        if full[: len(prefix)] != prefix:
+            raise DataError("the chat template renders earlier turns differently once later turns follow, so the "
+                            "assistant spans cannot be located; use template=reference")
+        start = len(prefix)
         end = min(len(_chat_ids(tokenizer, clean[: i + 1])), len(full))
         labels[start:end] = full[start:end]
     return full, labels

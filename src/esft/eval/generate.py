@@ -23,7 +23,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        enc = [[tokenizer.bos_token_id] + tokenizer.encode(prompt_text(p), add_special_tokens=False) for p in chunk]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen tokenizers have none
+        enc = [bos + tokenizer.encode(prompt_text(p), add_special_tokens=False) for p in chunk]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         att = torch.zeros((len(enc), width), dtype=torch.long)

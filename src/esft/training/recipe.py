@@ -124,7 +124,7 @@ def evaluate_loss(model: nn.Module, data: Packed, batch_size: int, device: str) 
         total += float(out.loss) * n
         count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else math.nan
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -180,6 +180,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
     if cfg.valid_data:
         valid = pack(load_examples(cfg.valid_data, tokenizer, cfg.template), cfg.seq_len, tokenizer.pad_token_id,
                      cfg.overlong)
+        if len(valid) == 0 or valid.stats.label_tokens == 0:
+            raise DataError(f"{cfg.valid_data}: no validation tokens left to score ({valid.stats.describe()})")
     else:
         train, valid = _split_valid(train, cfg.valid_fraction, cfg.seed)
     return train, valid
@@ -229,6 +231,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                             f"({state.get('base_model')} vs {base_fp})")
         start = state["step"]
         best = state["best_valid_loss"] if state.get("best_valid_loss") is not None else math.inf
+        # An eval after the last checkpoint may have written a better adapter/ before the crash.
+        saved = out / "adapter" / "esft_adapter.json"
+        if saved.exists():
+            best = min(best, json.loads(saved.read_text()).get("valid_loss") or math.inf)
         log.info("resumed from %s at step %d", ckpts[-1], start)
 
     writer = None
@@ -282,7 +288,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 log_file.flush()
                 if writer:
                     writer.add_scalar("valid/loss", vloss, done)
-                if vloss < best:
+                if vloss < best:  # NaN (nothing to score) never counts as best
                     best = vloss
                     save_best(done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
