@@ -188,3 +188,19 @@ def test_lora_baseline_trains_attention_and_expert_adapters(tiny_dir, tmp_path):
     changed = [n for (n, p), (_, q) in zip(sorted(base.state_dict().items()), sorted(model.state_dict().items()))
                if not torch.equal(p, q)]
     assert any("self_attn" in n for n in changed) and any("experts" in n for n in changed)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
+    """2 micro-batches of 1 row == 1 batch of 2 rows (token-weighted), so the trained adapters agree."""
+    from safetensors.torch import load_file
+
+    (tiny_dir / "cfg_train.json").write_text(json.dumps({"experts": {"1": [0, 3], "2": [5]}}))
+    big = train(_cfg(tiny_dir, tmp_path / "big", steps=2, batch_size=2, grad_accum=1, valid_data=None,
+                     valid_fraction=0.0), progress=False)
+    acc = train(_cfg(tiny_dir, tmp_path / "acc", steps=2, batch_size=1, grad_accum=2, valid_data=None,
+                     valid_fraction=0.0), progress=False)
+    assert acc.train_loss == pytest.approx(big.train_loss, rel=1e-5)
+    a = load_file(str(tmp_path / "big" / "last" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "last" / "adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

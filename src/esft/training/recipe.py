@@ -261,13 +261,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                rows = batch_rows(len(train_data), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed)
+            micro_rows = [batch_rows(len(train_data), step, m, cfg.batch_size, cfg.grad_accum, cfg.seed)
+                          for m in range(cfg.grad_accum)]
+            # Token-weighted mean over the whole step: each micro-batch's summed loss is divided by the
+            # step's total number of predicted tokens, so accumulation equals one big batch.
+            n_items = sum(int((train_data.labels[r][:, 1:] != -100).sum()) for r in micro_rows)
+            for rows in micro_rows:
                 out_ = model(input_ids=train_data.input_ids[rows].to(device),
                              attention_mask=train_data.attention_mask[rows].to(device),
-                             labels=train_data.labels[rows].to(device), use_cache=False)
-                (out_.loss / cfg.grad_accum).backward()
-                step_loss += float(out_.loss.detach()) / cfg.grad_accum
+                             labels=train_data.labels[rows].to(device), use_cache=False,
+                             num_items_in_batch=torch.tensor(max(n_items, 1), device=device))
+                out_.loss.backward()
+                step_loss += float(out_.loss.detach())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             opt.step()
