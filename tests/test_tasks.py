@@ -36,7 +36,7 @@ def test_write_suite_is_deterministic(tmp_path):
 
 def test_rows_are_valid_conversations_and_eval_carries_answers(tmp_path):
     paths = write_suite(tmp_path, 30, 5, 20, seed=3)
-    for task, splits in paths.items():
+    for splits in paths.values():
         for split, path in splits.items():
             rows = read_jsonl(path)
             assert len(rows) == {"train": 30, "valid": 5, "eval": 20}[split]

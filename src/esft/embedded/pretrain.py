@@ -21,7 +21,6 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 
 import torch
 

@@ -86,7 +86,7 @@ def write_report(res: dict, out_md: Path, command: str) -> None:
         half = [t["experts_for_half_mass"][l] for l in layers]
         nsel = sum(len(t["selected"][l]) for l in layers) / len(layers)
         lines.append(f"| {n} | {t['kind']} | " + " | ".join(map(str, half)) + f" | {sum(half) / len(half):.1f} | {nsel:.1f} |")
-    lines.append(f"| *uniform routing* | | " + " | ".join(str(uni) for _ in layers) + f" | {uni} | |")
+    lines.append("| *uniform routing* | | " + " | ".join(str(uni) for _ in layers) + f" | {uni} | |")
     lines += ["", "## Overlap of selected experts between tasks (Jaccard, mean over layers)", "",
               "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:

@@ -11,7 +11,7 @@ Adding a family: add one entry to ``FAMILIES`` and one tiny config to ``tests/ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,7 +39,6 @@ class MoEFamily:
     ckpt_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     layers_path: str = "model.layers"
     doc: str = ""
-    extra: dict = field(default_factory=dict)
 
     def expert_key(self, layer: int, expert: int, part: str) -> str:
         """Checkpoint key of one routed expert's projection; part in {"gate", "up", "down"}."""
