@@ -3,6 +3,7 @@
 #   make test        the test suite (fast default; `make test-all` includes slow checks)
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
+#   make report      ESFT vs FFT vs LoRA + ablations, 4 tasks x 3 seeds -> docs/report.md (< 60 min on 2 cores)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,7 +40,13 @@ quickstart: install
 	$(BIN)/esft train --config configs/train_tiny.yaml
 	$(BIN)/esft merge --model runs/tiny/model --adapter runs/tiny/esft/adapter --out runs/tiny/merged
 
+report: install
+	$(BIN)/esft report
+
+report-quick: install
+	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
+
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
-.PHONY: install demo specialization pretrain test test-all quickstart bench
+.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick

@@ -160,6 +160,8 @@ def test_full_fine_tuning_baseline_trains_everything(tiny_dir, tmp_path):
     model, _ = load_model(tiny_dir / "model")
     assert res.trainable_params == sum(p.numel() for p in model.parameters())
     assert (tmp_path / "fft" / "last" / "config.json").exists()
+    # like ESFT and LoRA keep their best adapter, full fine-tuning keeps its best checkpoint by validation loss
+    assert res.best_dir == str(tmp_path / "fft" / "best") and (tmp_path / "fft" / "best" / "model.safetensors").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_expert_gradients():

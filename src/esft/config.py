@@ -26,6 +26,11 @@ def _check_type(cls, name: str, value, hint):
         if value is None and type(None) in args:
             return value
         hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{cls.__name__}.{name} must be a list, e.g. [a, b], got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_check_type(cls, f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -84,6 +89,11 @@ def field_help(cls) -> str:
     """One line per field: name, default, and the comment from the dataclass's ``help`` metadata."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
         lines.append(f"  {f.name:<24} default {default!r:<14} {f.metadata.get('help', '')}")
     return "\n".join(lines)

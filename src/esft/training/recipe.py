@@ -51,6 +51,7 @@ class TrainResult:
     optimizer_state_bytes: int
     seconds: float
     adapter_dir: str | None
+    best_dir: str | None = None  # what to evaluate: best-by-validation adapter (esft, lora) or checkpoint (full)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -250,6 +251,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         elif cfg.method == "lora":
             with atomic_dir(out / "adapter") as tmp:
                 model.save_pretrained(str(tmp))
+        else:  # full fine-tuning keeps its best whole checkpoint, as the others keep their best adapter
+            with atomic_dir(out / "best") as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
 
     model.train()
     t0 = time.perf_counter()
@@ -326,4 +331,5 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         trainable_params=sum(p.numel() for p in params.values()),
         optimizer_state_bytes=optimizer_state_bytes(opt), seconds=time.perf_counter() - t0,
         adapter_dir=adapter_dir,
+        best_dir=adapter_dir if cfg.method != "full" else str(out / ("best" if (out / "best").exists() else "last")),
     )

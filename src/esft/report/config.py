@@ -1,0 +1,55 @@
+"""What `esft report` runs: tasks, seeds, budget, learning-rate sweep, p sweep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _f(default, help_: str, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help_})
+    return field(default=default, metadata={"help": help_})
+
+
+ADAPTATION_TASKS = ["intent_json", "translate_synth", "word_problems", "verdict_json"]
+
+
+@dataclass
+class ReportConfig:
+    report: str = _f("docs/report.md", "Markdown report to write (PNG plots and results JSON go beside it)")
+    work_dir: str = _f("runs/report", "run directories and the result cache (a rerun reuses finished runs)")
+    model: str | None = _f(None, "base checkpoint (default: the shipped model)")
+    tasks: list[str] = _f(None, "adaptation tasks to compare on", lambda: list(ADAPTATION_TASKS))
+    seeds: int = _f(3, "training seeds per method and task (mean +- std over them)")
+    steps: int = _f(100, "optimizer steps per run (the same budget for every method)")
+    batch_size: int = _f(8, "packed rows per step")
+    seq_len: int = _f(256, "packed row length in tokens")
+    eval_every: int = _f(25, "steps between validation losses; the best checkpoint by validation loss is evaluated")
+    n_train: int = _f(2000, "training examples per task")
+    n_valid: int = _f(100, "validation examples per task (LR sweep and best-checkpoint choice)")
+    n_eval: int = _f(200, "task eval examples (scored with the task's metric)")
+    n_general: int = _f(50, "eval examples per general domain (general ability)")
+    profile_tokens: int = _f(32768, "profiling token budget per task")
+    lr_esft: float = _f(1e-2, "ESFT learning rate when the sweep is off (all ESFT variants and ablations)")
+    lr_full: float = _f(1e-3, "full fine-tuning learning rate when the sweep is off")
+    lr_lora: float = _f(1e-2, "LoRA learning rate when the sweep is off")
+    sweep: bool = _f(True, "sweep the learning rate of ESFT-Token, FFT and LoRA on seed 0 and pick by validation loss")
+    sweep_esft: list[float] = _f(None, "ESFT learning rates to sweep", lambda: [3e-3, 1e-2, 3e-2])
+    sweep_full: list[float] = _f(None, "full fine-tuning learning rates to sweep", lambda: [1e-4, 3e-4, 1e-3])
+    sweep_lora: list[float] = _f(None, "LoRA learning rates to sweep", lambda: [1e-3, 3e-3, 1e-2])
+    p_sweep: list[float] = _f(None, "extra ESFT-Token p values (seed 0 only; [] = skip)", lambda: [0.05, 0.1, 0.3, 0.5])
+    ablations: bool = _f(True, "run the ablations: random experts, + shared experts, + non-expert modules")
+    workers: int = _f(2, "runs in parallel, each in a fresh process (peak memory per run); 0 = in this process")
+    quick: bool = _f(False, "1 seed, 50 steps, no LR or p sweep, ablations kept: under 10 minutes on 2 cores")
+
+    def __post_init__(self):
+        if self.quick:
+            self.seeds, self.steps, self.sweep, self.p_sweep = 1, min(self.steps, 50), False, []
+            self.eval_every = min(self.eval_every, max(self.steps // 2, 1))
+        from ..tasks import get_task
+
+        for t in self.tasks:
+            if get_task(t).kind != "adaptation":  # unknown names raise with the list of tasks
+                raise ValueError(f"{t!r} is a general domain, not an adaptation task")
+        if self.seeds < 1 or self.steps < 1 or self.workers < 0:
+            raise ValueError("seeds and steps must be >= 1, workers >= 0")

@@ -1,0 +1,104 @@
+"""The comparison as data: which variants exist, and the list of runs a report needs.
+
+A *variant* is a row of the paper's tables (FFT, LoRA, ESFT-Token, a random-experts control,
+...). A *run* is one variant trained on one task with one seed and one learning rate. Runs
+are keyed by everything that changes their result, so a run needed by two tables (the LR
+sweep's winner on seed 0 is also the main table's seed 0) is trained once, and a rerun of the
+report skips every run whose result is already on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str  # TrainConfig.method: esft | full | lora
+    lr_of: str  # which learning rate it uses: esft | full | lora
+    score_function: str | None = None  # esft variants: token | gate
+    top_p: float | None = None
+    random: bool = False  # same per-layer counts as the scored selection, experts drawn at random (Table 4)
+    shared: bool = False  # also train the shared experts (Table 3)
+    non_expert: bool = False  # also train attention, norms, embeddings, routers, head (Table 3)
+
+
+MAIN = [
+    Variant("FFT", "full", "full"),
+    Variant("LoRA", "lora", "lora"),
+    Variant("ESFT-Token", "esft", "esft", "token", 0.2),
+    Variant("ESFT-Gate", "esft", "esft", "gate", 0.1),
+]
+ABLATIONS = [
+    Variant("Random (Token counts)", "esft", "esft", "token", 0.2, random=True),
+    Variant("Random (Gate counts)", "esft", "esft", "gate", 0.1, random=True),
+    Variant("ESFT-Token + shared", "esft", "esft", "token", 0.2, shared=True),
+    Variant("ESFT-Token + non-expert", "esft", "esft", "token", 0.2, non_expert=True),
+]
+SWEPT = {"esft": "ESFT-Token", "full": "FFT", "lora": "LoRA"}  # the variant each LR family is swept on
+
+
+def p_variant(p: float) -> Variant:
+    return Variant(f"ESFT-Token p={p:g}", "esft", "esft", "token", p)
+
+
+def variant_by_name(name: str, p_values: list[float] = ()) -> Variant:
+    for v in MAIN + ABLATIONS + [p_variant(p) for p in p_values]:
+        if v.name == name:
+            return v
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    variant: str
+    lr: float
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        """The variant's name as a file name: 'ESFT-Token + shared' -> 'ESFT-Token_plus_shared'."""
+        s = self.variant.replace(" + ", "_plus_").replace(" ", "_").replace("=", "")
+        return s.replace("(", "").replace(")", "")
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.slug}/lr{self.lr:g}/seed{self.seed}"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "key": self.key}
+
+
+def sweep_runs(tasks: list[str], lrs: dict[str, list[float]]) -> list[Run]:
+    """Seed 0 of the swept variant of each LR family, at each candidate LR, on every task."""
+    return [Run(t, SWEPT[fam], lr, 0) for fam, grid in lrs.items() for lr in grid for t in tasks]
+
+
+def report_runs(tasks: list[str], seeds: int, lr: dict[str, float], ablations: bool,
+                p_values: list[float]) -> list[Run]:
+    """Every run of the report after the learning rates are fixed (``lr``: family -> LR)."""
+    variants = MAIN + (ABLATIONS if ablations else [])
+    runs = [Run(t, v.name, lr[v.lr_of], s) for v in variants for t in tasks for s in range(seeds)]
+    runs += [Run(t, p_variant(p).name, lr["esft"], 0) for p in p_values for t in tasks]
+    return runs
+
+
+def choose_lr(valid_loss: dict[float, dict[str, float]]) -> tuple[float, dict[float, float]]:
+    """Pick one LR per method from ``{lr: {task: best validation loss}}``.
+
+    Tasks' losses are on different scales, so each LR is scored by its mean over tasks of
+    ``loss / best loss of any LR on that task`` (1.0 = best on every task); lowest wins.
+    Runs whose loss is missing or not finite count as infinitely bad.
+    """
+    import math
+
+    tasks = sorted({t for row in valid_loss.values() for t in row})
+    best = {t: min((row.get(t, math.inf) for row in valid_loss.values()), default=math.inf) for t in tasks}
+    rel = {}
+    for lr, row in valid_loss.items():
+        vals = [row.get(t) for t in tasks]
+        rel[lr] = (sum((v / best[t]) if v is not None and math.isfinite(v) and best[t] > 0 else math.inf
+                       for v, t in zip(vals, tasks)) / len(tasks)) if tasks else math.inf
+    return min(rel, key=lambda k: (rel[k], k)), rel

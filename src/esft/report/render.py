@@ -1,0 +1,289 @@
+"""Markdown tables and the win/tie/lose sentences, computed from the runs' result files only."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+MiB = 2**20
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_ms(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def compare(a: list[float], b: list[float], min_gap: float = 1.0) -> str:
+    """'win', 'tie' or 'lose' for ``a`` against ``b`` (higher is better).
+
+    A tie unless the means differ by more than the larger of ``min_gap`` points and the
+    combined seed noise sqrt(std_a^2 + std_b^2).
+    """
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    gap = max(min_gap, math.sqrt(sa**2 + sb**2))
+    if abs(ma - mb) <= gap:
+        return "tie"
+    return "win" if ma > mb else "lose"
+
+
+class Results:
+    """Lookup over result dicts: values of a field for (variant, task), over seeds."""
+
+    def __init__(self, results: list[dict], lr: dict[str, float]):
+        self.all = results
+        self.lr = lr  # family -> chosen LR; main and ablation tables use only runs at these LRs
+
+    def runs(self, variant: str, task: str | None = None, lr: float | None = None) -> list[dict]:
+        from .plan import variant_by_name
+
+        out = []
+        for r in self.all:
+            if r["variant"] != variant or (task is not None and r["task"] != task):
+                continue
+            want = lr if lr is not None else self.lr[_family(r["variant"], variant_by_name)]
+            if not math.isclose(r["lr"], want, rel_tol=1e-9):
+                continue
+            out.append(r)
+        return sorted(out, key=lambda r: (r["task"], r["seed"]))
+
+    def values(self, variant: str, task: str | None, key: str) -> list[float]:
+        return [r[key] for r in self.runs(variant, task) if r.get(key) is not None]
+
+    def task_means(self, variant: str, tasks: list[str], key: str) -> list[float]:
+        """Per seed, the mean over tasks (so the 'average' column has a seed spread too)."""
+        by_seed: dict[int, list[float]] = {}
+        for t in tasks:
+            for r in self.runs(variant, t):
+                by_seed.setdefault(r["seed"], []).append(r[key])
+        return [statistics.fmean(v) for v in by_seed.values() if len(v) == len(tasks)]
+
+
+def _family(name: str, variant_by_name) -> str:
+    try:
+        return variant_by_name(name).lr_of
+    except KeyError:
+        return "esft"  # p-sweep variants
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def score_table(res: Results, variants: list[str], tasks: list[str], key: str,
+                base: dict[str, float] | None = None, base_avg: float | None = None) -> list[str]:
+    rows = []
+    if base is not None:
+        rows.append(["Base model"] + [f"{base[t]:.1f}" for t in tasks] + [f"{base_avg:.1f}"])
+    for v in variants:
+        rows.append([v] + [fmt_ms(res.values(v, t, key)) for t in tasks] + [fmt_ms(res.task_means(v, tasks, key))])
+    return table(["method"] + tasks + ["average"], rows)
+
+
+def efficiency_rows(res: Results, variants: list[str], total_experts: int) -> list[list[str]]:
+    rows = []
+    for v in variants:
+        runs = res.runs(v)
+        if not runs:
+            continue
+
+        def m(key, scale=1.0, digits=1):
+            vals = [r[key] / scale for r in runs if r.get(key) is not None]
+            return f"{statistics.fmean(vals):.{digits}f}" if vals else "–"
+
+        experts = [r["experts_trained"] for r in runs if r.get("experts_trained") is not None]
+        rows.append([
+            v, f"{statistics.fmean(r['trainable_params'] for r in runs) / 1e6:.3f} M",
+            (f"{statistics.fmean(experts):.1f} / {total_experts}" if experts else "all" if runs[0]["method"] == "full"
+             else "–"),
+            m("optimizer_state_bytes", MiB, 2), m("train_seconds"), m("peak_memory_bytes", MiB, 0),
+            m("artifact_bytes", MiB, 2),
+        ])
+    return rows
+
+
+def verdicts(res: Results, tasks: list[str], esft: list[str], baselines: list[str]) -> list[str]:
+    """One sentence per (ESFT variant, baseline): task skill, general ability, time, storage."""
+    lines = []
+    for e in esft:
+        for b in baselines:
+            parts = []
+            for key, what in (("task_score", "task skill"), ("general", "general ability")):
+                outcome = {"win": [], "tie": [], "lose": []}
+                for t in tasks:
+                    a, bb = res.values(e, t, key), res.values(b, t, key)
+                    if a and bb:
+                        outcome[compare(a, bb)].append(t)
+                ma, mb = mean_std(res.task_means(e, tasks, key))[0], mean_std(res.task_means(b, tasks, key))[0]
+                desc = ", ".join(f"{k}s on {len(v)} ({', '.join(v)})" for k, v in outcome.items() if v)
+                parts.append(f"{what}: {desc} — mean {ma:.1f} vs {mb:.1f}")
+            for key, what in (("train_seconds", "training time"), ("artifact_bytes", "storage"),
+                              ("optimizer_state_bytes", "optimizer state")):
+                va, vb = [r[key] for r in res.runs(e)], [r[key] for r in res.runs(b)]
+                if va and vb and statistics.fmean(vb) > 0:
+                    ratio = statistics.fmean(va) / statistics.fmean(vb)
+                    parts.append(f"{what} {ratio:.2f}× ({'less' if ratio < 1 else 'more'})")
+            lines.append(f"- **{e} vs {b}** — " + "; ".join(parts) + ".")
+    return lines
+
+
+def write_report(state: dict, path) -> None:
+    """The Markdown report and its PNG figures (beside it, named after it)."""
+    from pathlib import Path
+
+    from .plan import ABLATIONS, MAIN, SWEPT, p_variant
+    from .plots import concentration_curves, overlap_matrix, routing_heatmaps, tradeoff
+
+    path = Path(path)
+    stem = path.with_suffix("")
+    cfg, lr = state["config"], state["lr"]
+    tasks = cfg["tasks"]
+    res = Results(state["results"], lr)
+    main = [v.name for v in MAIN]
+    prof = state["profiles"]
+    any_prof = next(iter(prof.values()))
+    E, layers = any_prof["num_experts"], any_prof["layers"]
+    total_experts = E * len(layers)
+    tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    seeds_txt = f"{cfg['seeds']} seed{'s' if cfg['seeds'] > 1 else ''}"
+    tok = {t: {int(l): s for l, s in p["token_scores"].items()} for t, p in prof.items()}
+
+    L = [f"# ESFT against full fine-tuning and LoRA on the shipped model{' (quick mode)' if cfg['quick'] else ''}", "",
+         f"Generated by `{state['command']}` on {state['date']} in {state['seconds'] / 60:.1f} min "
+         f"({state['cpu_count']} CPU cores, {cfg['workers'] or 1} run(s) at a time). Every number below is read "
+         f"from the runs' result files ({path.with_suffix('.json').name} holds all of them); none is typed by hand.",
+         "",
+         "**Setup.** Model: the shipped DeepSeek-V2-style MoE "
+         f"({len(layers)} MoE layers x {E} routed experts, top-{any_prof['top_k']}). Tasks: {', '.join(tasks)} "
+         f"(the suite's adaptation tasks; scored on {cfg['n_eval']} held-out examples with each task's local "
+         f"metric). General ability: mean score over the six general domains ({cfg['n_general']} examples each), "
+         "which no run trains on. Every method gets the same data and budget: "
+         f"{cfg['steps']} steps x {cfg['batch_size']} packed rows x {cfg['seq_len']} tokens "
+         f"({tokens_per_step * cfg['steps'] / 1e3:.0f}k tokens), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
+         f"constant LR; validation loss every {cfg['eval_every']} steps on {cfg['n_valid']} held-out examples and "
+         f"the best checkpoint by validation loss is evaluated (greedy decoding). {seeds_txt} per method and task "
+         "(mean ± sample std). Learning rates: "
+         + ", ".join(f"{SWEPT[f]} family {lr[f]:g}" for f in ("esft", "full", "lora"))
+         + (" (chosen by the sweep below)." if state["sweep"] else " (fixed; no sweep in this mode)."), ""]
+
+    L += ["## Where ESFT wins, ties and loses", "",
+          "Per task, a method *wins* when its mean beats the other's by more than max(1 point, "
+          "sqrt(std_a² + std_b²)), *loses* in the opposite case, and *ties* otherwise. Time, storage and "
+          "optimizer state are ratios of means (ESFT / baseline).", ""]
+    L += verdicts(res, tasks, ["ESFT-Token", "ESFT-Gate"], ["FFT", "LoRA"])
+    L += ["", "## Downstream task scores (paper Table 1)", ""]
+    L += score_table(res, main, tasks, "task_score", state["base"], sum(state["base"].values()) / len(tasks))
+    L += ["", "## General ability after training on each task (paper Table 2)", "",
+          f"Base model: {state['base_general']:.1f}. Each column is the general ability of the model trained "
+          "on that task.", ""]
+    L += score_table(res, main, tasks, "general")
+    domains = list(state["base_per_domain"])
+    rows = [["Base model"] + [f"{state['base_per_domain'][d]:.1f}" for d in domains]]
+    for v in main:
+        rows.append([v] + [fmt_ms([r["general_per_domain"][d] for r in res.runs(v)]) for d in domains])
+    L += ["", "Per general domain, over all tasks and seeds:", ""] + table(["method"] + domains, rows)
+    points = {v: (mean_std(res.task_means(v, tasks, "task_score"))[0], mean_std(res.task_means(v, tasks, "general"))[0])
+              for v in main + ([a.name for a in ABLATIONS] if cfg["ablations"] else [])}
+    tradeoff(points, state["base_general"], f"{stem}_tradeoff.png")
+    L += ["", f"![task skill vs general ability]({stem.name}_tradeoff.png)", ""]
+
+    peak_kind = next((r.get("peak_memory_kind") for r in state["results"]), "peak memory")
+    L += ["## Efficiency (paper Figure 5)", "",
+          f"Means over tasks and seeds. Optimizer state: AdamW's tensors; peak memory: {peak_kind} of the run's own "
+          "process during training (the Python and torch runtime included, so differences matter more than "
+          "totals); stored weights: what a user keeps per task (ESFT: the expert adapter; LoRA: the PEFT adapter; "
+          "FFT: the whole fine-tuned checkpoint), fp32 files. Training time is wall-clock on one thread "
+          "with another run beside it, the same for every method.", ""]
+    L += table(["method", "trainable params", "experts trained", "optimizer state (MiB)", "training time (s)",
+                "peak memory (MiB)", "stored weights (MiB)"], efficiency_rows(res, main, total_experts))
+
+    if cfg["ablations"]:
+        L += ["", "## Ablations", "", "### Random experts with ESFT's per-layer counts (paper Table 4)", ""]
+        pairs = [("ESFT-Token", "Random (Token counts)"), ("ESFT-Gate", "Random (Gate counts)")]
+        L += score_table(res, [n for p in pairs for n in p], tasks, "task_score")
+        diffs = [f"{e} minus {rnd}: {mean_std(res.task_means(e, tasks, 'task_score'))[0] - mean_std(res.task_means(rnd, tasks, 'task_score'))[0]:+.1f} points"
+                 for e, rnd in pairs]
+        L += ["", "On average over tasks: " + "; ".join(diffs) + " (paper, on DeepSeek-V2-Lite: +2.8 Token, +4.4 Gate)."]
+        L += ["", "### Also training shared experts or all non-expert modules (paper Table 3)", ""]
+        v3 = ["ESFT-Token", "ESFT-Token + shared", "ESFT-Token + non-expert"]
+        rows = []
+        for v in v3:
+            rows.append([v, fmt_ms(res.task_means(v, tasks, "task_score")), fmt_ms(res.task_means(v, tasks, "general")),
+                         f"{statistics.fmean(r['trainable_params'] for r in res.runs(v)) / 1e6:.3f} M"
+                         if res.runs(v) else "–"])
+        L += table(["variant", "task score (avg)", "general ability (avg)", "trainable params"], rows)
+        L += ["", "Per task:", ""] + score_table(res, v3, tasks, "task_score")
+        L += ["", "Efficiency of the ablations:", ""]
+        L += table(["method", "trainable params", "experts trained", "optimizer state (MiB)", "training time (s)",
+                    "peak memory (MiB)", "stored weights (MiB)"],
+                   efficiency_rows(res, [a.name for a in ABLATIONS], total_experts))
+
+    if cfg["p_sweep"]:
+        ps = sorted(set(cfg["p_sweep"]) | {0.2})
+        rows = []
+        for p in ps:
+            name = "ESFT-Token" if p == 0.2 else p_variant(p).name
+            runs = [r for r in res.runs(name) if r["seed"] == 0]
+            if not runs:
+                continue
+            by_task = {r["task"]: r for r in runs}
+            rows.append([f"{p:g}", f"{statistics.fmean(r['experts_trained'] for r in runs) / len(layers):.1f}"]
+                        + [f"{by_task[t]['task_score']:.1f}" if t in by_task else "–" for t in tasks]
+                        + [f"{statistics.fmean(r['task_score'] for r in runs):.1f}",
+                           f"{statistics.fmean(r['general'] for r in runs):.1f}"])
+        L += ["", "### ESFT-Token threshold p (seed 0)", ""]
+        L += table(["p", "experts/layer (mean)"] + tasks + ["task avg", "general avg"], rows)
+
+    if state["sweep"]:
+        L += ["", "## Learning-rate sweep (seed 0, validation split)", "",
+              "Each method family's LR is swept on its main variant; the chosen LR minimises the mean over tasks of "
+              "best validation loss / the best loss any LR reached on that task (1.00 = best everywhere). "
+              "Task and general scores are shown for transparency; they did not drive the choice. ESFT-Gate and the "
+              "ablations use the ESFT LR.", ""]
+        rows = []
+        for fam, info in state["sweep"].items():
+            for g, rel in sorted(info["relative_loss"].items(), key=lambda kv: float(kv[0])):
+                g = float(g)
+                runs = res.runs(SWEPT[fam], lr=g)
+                runs = [r for r in runs if r["seed"] == 0]
+                by_task = {r["task"]: r for r in runs}
+                rows.append([SWEPT[fam], f"{g:g}" + (" **(chosen)**" if g == info["chosen"] else ""), f"{rel:.3f}"]
+                            + [f"{by_task[t]['best_valid_loss']:.3f}" if t in by_task and by_task[t]['best_valid_loss']
+                               is not None else "–" for t in tasks]
+                            + [f"{statistics.fmean(r['task_score'] for r in runs):.1f}" if runs else "–",
+                               f"{statistics.fmean(r['general'] for r in runs):.1f}" if runs else "–"])
+        L += table(["method", "lr", "relative loss"] + [f"valid loss {t}" for t in tasks] + ["task avg", "general avg"],
+                   rows)
+        edge = [f"{SWEPT[f]} ({info['chosen']:g})" for f, info in state["sweep"].items()
+                if info["chosen"] in (min(map(float, info["relative_loss"])), max(map(float, info["relative_loss"])))]
+        if edge:
+            L += ["", f"Chosen at the edge of its grid: {', '.join(edge)}; a wider sweep could move it further."]
+
+    routing_heatmaps(tok, f"{stem}_routing.png")
+    curves = concentration_curves(tok, f"{stem}_concentration.png")
+    ov = overlap_matrix({t: {int(l): e for l, e in s.items()} for t, s in state["selected"]["token"].items()},
+                        f"{stem}_overlap.png", "Overlap of ESFT-Token (p=0.2) selections")
+    half = {t: next(i + 1 for i, c in enumerate(cu) if c >= 0.5 - 1e-9) for t, cu in curves.items()}
+    off = [ov[a][b] for a in tasks for b in tasks if a != b]
+    L += ["", "## Routing of the tasks", "",
+          "Experts carrying half of each task's token selections (mean over layers; uniform routing would need "
+          f"{E // 2}): " + ", ".join(f"{t} {h}" for t, h in half.items()) + ". "
+          f"Mean overlap of the selected experts between two different tasks: "
+          f"{(sum(off) / len(off)) if off else float('nan'):.2f} (Jaccard; 1 = same experts).", "",
+          f"![routing heatmaps]({stem.name}_routing.png)", "",
+          f"![concentration curves]({stem.name}_concentration.png)", "",
+          f"![overlap of selected experts]({stem.name}_overlap.png)", "",
+          "## Reproduce", "", f"    {state['command']}", "",
+          "Runs are deterministic for a given machine type and thread count; another CPU can round "
+          "differently, which moves scores within the seed noise shown above.", ""]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(L))
+    tmp.replace(path)

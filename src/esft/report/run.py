@@ -1,0 +1,193 @@
+"""`esft report`: the paper's comparison, regenerated on the shipped model with local metrics.
+
+    data -> base scores -> profile each task -> selections -> [LR sweep] -> all runs -> report
+
+Every run is trained and evaluated by :func:`worker.execute` in its own process; the result
+files under ``work_dir/runs/<key>/result.json`` are the only source of the report's numbers,
+and a rerun reuses every result whose settings match (an interrupted report resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ReportConfig
+from .plan import MAIN, SWEPT, Run, choose_lr, report_runs, sweep_runs, variant_by_name
+
+log = logging.getLogger(__name__)
+COST = {"full": 3, "lora": 3, "esft": 1}  # rough relative step cost, to start the long runs first
+
+
+def _safe_execute(job: dict) -> dict:
+    from .worker import execute
+
+    try:
+        return execute(job)
+    except BaseException:  # noqa: BLE001 - reported by the parent with the run's key
+        return {"key": job["run"]["key"], "error": traceback.format_exc()}
+
+
+class Runner:
+    """Turns runs into jobs, skips cached ones, executes the rest (in parallel processes)."""
+
+    def __init__(self, cfg: ReportConfig, model_dir: str, data: dict, selections: dict, progress: bool):
+        self.cfg, self.model_dir, self.data, self.selections, self.progress = cfg, model_dir, data, selections, progress
+        self.work = Path(cfg.work_dir)
+
+    def job(self, run: Run) -> dict:
+        v = variant_by_name(run.variant, self.cfg.p_sweep)
+        cfg = self.cfg
+        train = dict(
+            model=self.model_dir, train_data=str(self.data[run.task]["train"]),
+            valid_data=str(self.data[run.task]["valid"]), output_dir=str(self.work / "runs" / run.key),
+            method=v.method, expert_config=self.selections.get((run.task, run.variant, run.seed)),
+            seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=run.lr, eval_every=cfg.eval_every,
+            save_every=0, keep_checkpoints=1, log_every=10, dtype="auto", device="auto", seed=run.seed,
+            overwrite=True, tensorboard=False,
+        )
+        job = {"run": run.as_dict(), "train": train,
+               "eval": {"n_eval": cfg.n_eval, "n_general": cfg.n_general, "data_seed": 0}}
+        job["job_id"] = _job_id(job)  # the cache key: a result is reused only for the same settings
+        job["threads"] = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else None
+        return job
+
+    def cached(self, job: dict) -> dict | None:
+        path = Path(job["train"]["output_dir"]) / "result.json"
+        if not path.exists():
+            return None
+        r = json.loads(path.read_text())
+        return r if r.get("job_id") == job["job_id"] else None
+
+    def execute(self, runs: list[Run], stage: str) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        jobs = [self.job(r) for r in dict.fromkeys(runs)]  # dedupe, keep order
+        results, todo = [], []
+        for j in jobs:
+            c = self.cached(j)
+            (results.append(c) if c else todo.append(j))
+        todo.sort(key=lambda j: -COST[j["train"]["method"]] - (1 if j["run"]["variant"].endswith("non-expert") else 0))
+        log.info("%s: %d runs, %d cached, %d to train", stage, len(jobs), len(results), len(todo))
+        errors = []
+        bar = tqdm(total=len(todo), desc=f"report: {stage}", disable=not self.progress or not todo, dynamic_ncols=True)
+        try:
+            for r in self._map(todo):
+                bar.update(1)
+                if "error" in r:
+                    errors.append(r)
+                    log.error("run %s failed:\n%s", r["key"], r["error"])
+                    continue
+                bar.set_postfix_str(f"{r['key']}: score {r['task_score']:.1f}, general {r['general']:.1f}")
+                results.append(r)
+        finally:
+            bar.close()
+        if errors:
+            raise RuntimeError(f"{len(errors)} run(s) failed: {', '.join(e['key'] for e in errors)} "
+                               f"(tracebacks above; finished runs are kept, rerun to retry the rest)")
+        return results
+
+    def _map(self, jobs: list[dict]):
+        if not self.cfg.workers:
+            yield from map(_safe_execute, jobs)
+            return
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent has used OpenMP threads (profiling), which fork would break
+        with mp.get_context("spawn").Pool(self.cfg.workers, maxtasksperchild=1) as pool:
+            yield from pool.imap_unordered(_safe_execute, jobs)
+
+
+def _job_id(job: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: ReportConfig, progress: bool) -> dict:
+    """Data, base-model scores, routing profiles and every expert selection the runs need."""
+    from ..embedded import embedded_model_dir
+    from ..eval.generate import evaluate_task, general_ability
+    from ..io import write_json_atomic
+    from ..models.loading import load_model
+    from ..profiling.run import ProfileConfig, run_profile
+    from ..selection.select import SelectConfig, expert_config, select_experts
+    from ..tasks import write_suite
+    from .plan import ABLATIONS, p_variant
+
+    work = Path(cfg.work_dir)
+    model_dir = str(Path(cfg.model) if cfg.model else embedded_model_dir())
+    data = write_suite(work / "data", cfg.n_train, cfg.n_valid, 1, seed=0, tasks=cfg.tasks)
+    model, tok = load_model(model_dir, dtype="auto", device="auto")
+    base = {t: evaluate_task(model, tok, t, cfg.n_eval, 0).score for t in cfg.tasks}
+    base_general, base_per_domain = general_ability(model, tok, cfg.n_general, 0)
+    profiles, selections, selected = {}, {}, {"token": {}, "gate": {}}
+    variants = [v for v in MAIN + (ABLATIONS if cfg.ablations else []) + [p_variant(p) for p in cfg.p_sweep]
+                if v.method == "esft"]
+    for t in cfg.tasks:
+        prof = run_profile(ProfileConfig(data=str(data[t]["train"]), out=str(work / "profiles" / f"{t}.json"),
+                                         max_tokens=cfg.profile_tokens, seq_len=cfg.seq_len, batch_size=8),
+                           model=model, tokenizer=tok, progress=progress)
+        profiles[t] = prof
+        for v in variants:
+            scores = prof.token_scores if v.score_function == "token" else prof.gate_scores
+            scfg = SelectConfig(score_function=v.score_function, top_p=v.top_p, train_shared_experts=v.shared,
+                                train_non_expert_modules=v.non_expert)
+            chosen = select_experts(scores, scfg)
+            if v.name in ("ESFT-Token", "ESFT-Gate"):
+                selected[v.score_function][t] = chosen
+            for seed in range(cfg.seeds):
+                sel, name = chosen, Run(t, v.name, 0, seed).slug
+                if v.random:  # paper Table 4: same per-layer counts, experts drawn at random, one draw per seed
+                    sel = select_experts(scores, SelectConfig(score_function=v.score_function, budget="random",
+                                                              seed=1000 + seed), reference=chosen)
+                    name += f"_seed{seed}"
+                path = work / "selections" / t / f"{name}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, expert_config(sel, scfg))
+                selections[(t, v.name, seed)] = str(path)
+    del model
+    return {"model_dir": model_dir, "data": data, "base": base, "base_general": base_general,
+            "base_per_domain": base_per_domain, "profiles": profiles, "selections": selections,
+            "selected": selected}
+
+
+def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft report") -> dict:
+    """Run (or resume) every run of the comparison and write the Markdown report. Returns its data."""
+    from ..io import write_json_atomic
+    from .render import write_report
+
+    t0 = time.perf_counter()
+    prep = prepare(cfg, progress)
+    runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress)
+    lr = {"esft": cfg.lr_esft, "full": cfg.lr_full, "lora": cfg.lr_lora}
+    sweep, sweep_results = {}, []
+    if cfg.sweep:
+        grids = {"esft": cfg.sweep_esft, "full": cfg.sweep_full, "lora": cfg.sweep_lora}
+        sweep_results = runner.execute(sweep_runs(cfg.tasks, grids), "LR sweep")
+        for fam, grid in grids.items():
+            losses = {g: {r["task"]: (r["best_valid_loss"] if r["best_valid_loss"] is not None else float("inf"))
+                          for r in sweep_results if r["variant"] == SWEPT[fam] and r["lr"] == g} for g in grid}
+            lr[fam], rel = choose_lr(losses)
+            sweep[fam] = {"chosen": lr[fam], "relative_loss": rel}
+    results = runner.execute(report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep), "runs")
+    keys = {r["key"] for r in results}
+    results += [r for r in sweep_results if r["key"] not in keys]
+    state = {
+        "config": asdict(cfg), "command": command, "lr": lr, "sweep": sweep, "results": results,
+        "base": prep["base"], "base_general": prep["base_general"], "base_per_domain": prep["base_per_domain"],
+        "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,
+                         "num_experts": p.num_experts, "top_k": p.top_k} for t, p in prep["profiles"].items()},
+        "selected": prep["selected"], "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report = Path(cfg.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_report(state, report)
+    write_json_atomic(report.with_suffix(".json"), state)
+    return state

@@ -1,0 +1,139 @@
+"""`esft report`: LR choice, the win/tie/lose rule, run planning and caching, and a small end-to-end report
+whose tables are checked against the result files they were made from."""
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from esft.config import ConfigError, build_config
+from esft.report.config import ReportConfig
+from esft.report.plan import MAIN, Run, choose_lr, report_runs, sweep_runs
+from esft.report.render import compare, fmt_ms, mean_std
+
+
+def test_choose_lr_uses_loss_relative_to_each_tasks_best():
+    # task b's losses are 10x larger; a plain mean would let b decide alone
+    losses = {1e-3: {"a": 1.0, "b": 30.0}, 1e-2: {"a": 2.0, "b": 20.0}, 1e-1: {"a": 1.1, "b": 22.0}}
+    lr, rel = choose_lr(losses)
+    assert rel[1e-3] == pytest.approx((1.0 / 1.0 + 30.0 / 20.0) / 2)
+    assert rel[1e-2] == pytest.approx((2.0 + 1.0) / 2)
+    assert rel[1e-1] == pytest.approx((1.1 + 1.1) / 2)
+    assert lr == 1e-1
+    # a diverged run (inf / missing task) can never be chosen
+    lr, rel = choose_lr({1e-3: {"a": 1.0, "b": 2.0}, 1e-2: {"a": 0.5, "b": math.inf}})
+    assert lr == 1e-3 and rel[1e-2] == math.inf
+
+
+def test_compare_rule_and_formatting():
+    assert compare([50, 52, 54], [40, 41, 42]) == "win"
+    assert compare([40, 41, 42], [50, 52, 54]) == "lose"
+    assert compare([50, 60, 70], [45, 55, 65]) == "tie"  # 5-point gap, noise sqrt(100+100) = 14
+    assert compare([50.5], [50.0]) == "tie"  # within the 1-point floor
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert (m, s) == (2.0, 1.0)
+    assert fmt_ms([1.0, 2.0, 3.0]) == "2.0 ± 1.0" and fmt_ms([4.0]) == "4.0" and fmt_ms([]) == "–"
+
+
+def test_plan_trains_the_sweep_winner_once():
+    tasks = ["translate_synth", "word_problems"]
+    sweep = sweep_runs(tasks, {"esft": [1e-3, 1e-2], "full": [1e-4], "lora": [1e-3]})
+    assert len(sweep) == 2 * 2 + 2 + 2
+    runs = report_runs(tasks, 3, {"esft": 1e-2, "full": 1e-4, "lora": 1e-3}, ablations=True, p_values=[0.5])
+    assert len(runs) == 8 * 2 * 3 + 2
+    assert len({r.key for r in runs}) == len(runs)
+    shared = {r.key for r in sweep} & {r.key for r in runs}
+    # seed 0 of ESFT-Token at 1e-2, FFT at 1e-4, LoRA at 1e-3, per task: trained once, used by both tables
+    assert shared == {Run(t, v, lr, 0).key for t in tasks
+                      for v, lr in (("ESFT-Token", 1e-2), ("FFT", 1e-4), ("LoRA", 1e-3))}
+    assert Run("t", "ESFT-Token + non-expert", 1e-3, 2).key == "t/ESFT-Token_plus_non-expert/lr0.001/seed2"
+
+
+def test_report_config_from_overrides():
+    cfg = build_config(ReportConfig, None, ["sweep_esft=[1e-3, 3e-3]", "tasks=[translate_synth]", "quick=true"])
+    assert cfg.sweep_esft == [1e-3, 3e-3] and all(isinstance(x, float) for x in cfg.sweep_esft)
+    assert cfg.seeds == 1 and not cfg.sweep and cfg.p_sweep == []
+    with pytest.raises(ConfigError, match="must be a list"):
+        build_config(ReportConfig, None, ["sweep_esft=0.1"])
+    with pytest.raises(ValueError, match="general domain"):
+        ReportConfig(tasks=["arithmetic"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        ReportConfig(tasks=["nope"])
+
+
+def _cell_values(md: str, section: str, row: str) -> list[str]:
+    body = md.split(section, 1)[1]
+    line = next(l for l in body.splitlines() if l.startswith(f"| {row} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory):
+    from esft.report.run import run_report
+
+    root = tmp_path_factory.mktemp("report")
+    cfg = ReportConfig(report=str(root / "r" / "report.md"), work_dir=str(root / "work"), tasks=["translate_synth"],
+                       seeds=2, steps=2, eval_every=1, n_train=60, n_valid=8, n_eval=6, n_general=2,
+                       profile_tokens=1024, sweep_esft=[1e-3, 1e-2], sweep_full=[1e-4], sweep_lora=[1e-3],
+                       p_sweep=[0.5], ablations=False, workers=0)
+    state = run_report(cfg, progress=False, command="esft report (test)")
+    return cfg, state, (root / "r" / "report.md").read_text()
+
+
+def test_report_tables_match_the_result_files(small_report):
+    cfg, state, md = small_report
+    results = json.loads((Path(cfg.report).with_suffix(".json")).read_text())["results"]
+    lr = state["lr"]
+    fam = {"FFT": "full", "LoRA": "lora", "ESFT-Token": "esft", "ESFT-Gate": "esft"}
+    for v in [m.name for m in MAIN]:
+        runs = [r for r in results if r["variant"] == v and r["lr"] == lr[fam[v]]]
+        assert sorted(r["seed"] for r in runs) == [0, 1], v
+        scores = [r["task_score"] for r in runs]
+        m, s = statistics.fmean(scores), statistics.stdev(scores)
+        assert _cell_values(md, "## Downstream task scores", v)[0] == f"{m:.1f} ± {s:.1f}"
+        general = [r["general"] for r in runs]
+        assert _cell_values(md, "## General ability after", v)[0] == f"{statistics.fmean(general):.1f} ± " \
+                                                                     f"{statistics.stdev(general):.1f}"
+    base = _cell_values(md, "## Downstream task scores", "Base model")[0]
+    assert base == f"{state['base']['translate_synth']:.1f}"
+    # the sweep winner is the LR with the lowest validation loss (one task: relative loss = loss / min loss)
+    sweep = [r for r in results if r["variant"] == "ESFT-Token" and r["seed"] == 0]
+    best = min((r for r in sweep if r["lr"] in (1e-3, 1e-2)), key=lambda r: (r["best_valid_loss"], r["lr"]))
+    assert lr["esft"] == best["lr"]
+    # efficiency: ESFT trains and stores a fraction of what FFT does
+    fft = next(r for r in results if r["variant"] == "FFT")
+    tok = next(r for r in results if r["variant"] == "ESFT-Token")
+    assert tok["trainable_params"] < fft["trainable_params"] / 5
+    assert tok["artifact_bytes"] < fft["artifact_bytes"] / 5
+    assert tok["optimizer_state_bytes"] == 2 * 4 * tok["trainable_params"]  # AdamW: two fp32 moments
+    assert re.search(r"\*\*ESFT-Token vs FFT\*\* — task skill: (wins|ties|loses) on 1", md)
+    for png in ("tradeoff", "routing", "concentration", "overlap"):
+        assert (Path(cfg.report).parent / f"report_{png}.png").stat().st_size > 1000
+    assert "ESFT-Token p=0.5" not in md and "| 0.5 |" in md  # the p sweep table
+
+
+def test_rerun_reuses_finished_runs(small_report, monkeypatch):
+    import esft.report.worker as worker
+    from esft.report.run import run_report
+
+    cfg, state, md = small_report
+
+    def boom(job):
+        raise AssertionError(f"retrained {job['run']['key']}")
+
+    monkeypatch.setattr(worker, "execute", boom)
+    again = run_report(cfg, progress=False, command="esft report (test)")
+    assert {r["key"]: r["task_score"] for r in again["results"]} == {r["key"]: r["task_score"] for r in state["results"]}
+
+
+def test_a_failed_run_is_named(tmp_path):
+    from esft.report.run import Runner
+
+    cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0)
+    data = {"translate_synth": {"train": tmp_path / "missing.jsonl", "valid": tmp_path / "missing.jsonl"}}
+    runner = Runner(cfg, "/nonexistent/model", data, {}, progress=False)
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: translate_synth/FFT/lr0.001/seed0"):
+        runner.execute([Run("translate_synth", "FFT", 1e-3, 0)], "test")
