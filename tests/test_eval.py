@@ -68,3 +68,56 @@ def test_generation_works_without_a_bos_token(tiny):
     tok.bos_token = None  # as Qwen-MoE tokenizers
     assert tok.bos_token_id is None
     assert len(generate(model, tok, ["Reverse: red cat"], max_new_tokens=3)) == 1
+
+
+def test_judge_grades_through_an_openai_compatible_endpoint(monkeypatch):
+    """A local stand-in endpoint: the official openai client talks to it; grades are parsed, unparsed ones counted."""
+    import json as _json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from esft.eval.judge import JudgeConfig, judge, parse_grade
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            user = body["messages"][-1]["content"]
+            cand = user.split("Candidate answer:\n", 1)[1].split("\n\nGrade", 1)[0]
+            ref = user.split("- ", 1)[1].split("\n", 1)[0]
+            text = "10" if cand == ref else ("I cannot tell" if cand == "???" else "Grade: 3")
+            out = _json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("JUDGE_KEY", "sekret")
+    try:
+        res = judge(["q1", "q2", "q3"], [["Paris"], ["4"], ["x"]], ["Paris", "5", "???"],
+                    JudgeConfig(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge-1", "JUDGE_KEY"))
+    finally:
+        server.shutdown()
+    assert res.grades == [10, 3, None] and res.unparsed == 1
+    assert res.score == pytest.approx(10 * (10 + 3) / 2)
+    path, auth, body = seen[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer sekret"
+    assert body["model"] == "judge-1" and body["temperature"] == 0
+    assert parse_grade("7/10") == 7 and parse_grade("none") is None
+
+
+def test_judge_needs_url_and_model():
+    from esft.eval.run import EvalConfig
+
+    with pytest.raises(ValueError, match="judge needs both"):
+        EvalConfig(task="translate_synth", judge_url="http://localhost:1/v1")

@@ -103,10 +103,14 @@ def cmd_eval(a) -> int:
 
     cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, metric=a.metric, n=a.n,
                      general=a.general, n_general=a.n_general, batch_size=a.batch_size,
-                     max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed)
+                     max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed, judge_url=a.judge_url,
+                     judge_model=a.judge_model, judge_key_env=a.judge_key_env)
     s = run_eval(cfg)
     rows = [["task", s["task"]], ["model", f"{cfg.model or 'shipped model'} ({s['model_kind']})"],
             ["metric", s["metric"]], ["score", f"{s['score']:.2f}"], ["examples", s["n"]]]
+    if cfg.judge_url:
+        judged = "no grade parsed" if s["judge_score"] is None else f"{s['judge_score']:.2f}"
+        rows.append(["judge score", f"{judged} ({s['judge_model']}; {s['judge_unparsed']} replies without a grade)"])
     if cfg.general:
         rows.append(["general ability", f"{s['general_ability']:.2f}"])
         rows += [[f"  {k}", f"{v:.1f}"] for k, v in s["general_per_domain"].items()]
@@ -136,6 +140,24 @@ def cmd_report(a) -> int:
     s = run_report(cfg, progress=not a.quiet, command=command)
     print(f"wrote {cfg.report} ({s['seconds'] / 60:.1f} min; {len(s['results'])} runs; plots and "
           f"{Path(cfg.report).with_suffix('.json').name} beside it)")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import os
+
+    from .serving.server import ServeConfig, serve
+
+    adapters = {}
+    for item in a.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r} is not of the form name=DIR")
+        adapters[name] = path
+    serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
+                      host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
+                      admin_token=os.environ.get(a.admin_token_env) or None, max_batch=a.max_batch,
+                      dtype=a.dtype, device=a.device))
     return 0
 
 
@@ -220,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit (default: 48)")
     sp.add_argument("--out", default=None, help="directory for predictions.jsonl and summary.json")
     sp.add_argument("--seed", type=int, default=0, help="data seed for suite tasks")
+    sp.add_argument("--judge-url", default=None, help="optional: base URL of an OpenAI-compatible endpoint whose model "
+                    "grades each answer 0-10 against the reference (off by default; the local metric is always kept)")
+    sp.add_argument("--judge-model", default=None, help="judge model name on --judge-url")
+    sp.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="the whole ESFT story on the shipped small MoE model (CPU, minutes)",
@@ -251,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
     common(sp)
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many ESFT adapters in one batch",
+                        description="Serve the base model and every adapter (picked by the request's 'model' field) "
+                        "from one copy of the base weights; requests of different adapters are batched together.")
+    sp.add_argument("--model", default=None, help="base checkpoint directory (default: the shipped model)")
+    sp.add_argument("--base-name", default="base", help="the base model's name in /v1/models (default: base)")
+    sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="an ESFT adapter to serve as model NAME (repeatable); DIR must lie under --adapter-root")
+    sp.add_argument("--adapter-root", default=".", help="adapters load only from directories under this one (default: .)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sp.add_argument("--api-key-env", default="ESFT_API_KEY",
+                    help="environment variable whose value, if set, every /v1 request must send as a Bearer token")
+    sp.add_argument("--admin-token-env", default="ESFT_ADMIN_TOKEN",
+                    help="environment variable holding the admin token (load/unload adapters); unset = admin disabled")
+    sp.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
+    sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
     sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl)")

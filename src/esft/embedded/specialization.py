@@ -21,15 +21,12 @@ import time
 from pathlib import Path
 
 
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
 def measure(model_dir: str | None = None, tokens: int = 16384, seq_len: int = 256, top_p: float = 0.2,
             seed: int = 0, tasks: list[str] | None = None, progress: bool = True) -> dict:
     from ..models.loading import load_model
     from ..profiling.profiler import concentration, uniform_concentration
     from ..profiling.run import ProfileConfig, run_profile
+    from ..report.plots import overlap
     from ..selection.select import SelectConfig, select_experts
     from ..tasks import TASKS, write_suite
     from . import embedded_model_dir
@@ -53,21 +50,13 @@ def measure(model_dir: str | None = None, tokens: int = 16384, seq_len: int = 25
             res["num_experts"] = prof.num_experts
             res["layers"] = prof.layers
             res["uniform_half_mass"] = uniform_concentration(prof.num_experts, 0.5)
-    overlap = {}
-    for a in names:
-        for b in names:
-            sa, sb = res["tasks"][a]["selected"], res["tasks"][b]["selected"]
-            overlap[f"{a}|{b}"] = sum(jaccard(set(sa[l]), set(sb[l])) for l in res["layers"]) / len(res["layers"])
-    res["overlap"] = overlap
+    ov = overlap({n: res["tasks"][n]["selected"] for n in names})
+    res["overlap"] = {f"{a}|{b}": ov[a][b] for a in names for b in names}
     return res
 
 
 def write_report(res: dict, out_md: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from ..report.plots import overlap_matrix, routing_heatmaps
 
     names = list(res["tasks"])
     layers = res["layers"]
@@ -95,29 +84,9 @@ def write_report(res: dict, out_md: Path, command: str) -> None:
     lines += ["", f"Mean overlap between different tasks: {sum(off) / len(off):.2f} (1.0 = same experts, 0 = disjoint).",
               "", f"![overlap]({stem.name}_overlap.png)", "", f"![routing]({stem.name}_routing.png)", ""]
     out_md.write_text("\n".join(lines))
-    mat = np.array([[res["overlap"][f"{a}|{b}"] for b in names] for a in names])
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", color="w" if mat[i, j] < 0.6 else "k", fontsize=7)
-    fig.colorbar(im, ax=ax, label="Jaccard overlap of selected experts")
-    ax.set_title("Overlap of selected experts (ESFT-Token, p=%.1f)" % res["top_p"])
-    fig.tight_layout()
-    fig.savefig(f"{stem}_overlap.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 0.45 * len(names) + 1.5), squeeze=False)
-    for ax, l in zip(axes[0], layers):
-        m = np.array([res["tasks"][n]["token_scores"][l] for n in names])
-        ax.imshow(m, aspect="auto", cmap="magma")
-        ax.set_title(f"layer {l}: token-selection share")
-        ax.set_yticks(range(len(names)), names if l == layers[0] else [""] * len(names))
-        ax.set_xlabel("expert")
-    fig.tight_layout()
-    fig.savefig(f"{stem}_routing.png", dpi=100)
-    plt.close(fig)
+    overlap_matrix({n: res["tasks"][n]["selected"] for n in names}, f"{stem}_overlap.png",
+                   "Overlap of selected experts (ESFT-Token, p=%.1f)" % res["top_p"])
+    routing_heatmaps({n: res["tasks"][n]["token_scores"] for n in names}, f"{stem}_routing.png")
     Path(f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
 
 

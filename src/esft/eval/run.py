@@ -33,10 +33,15 @@ class EvalConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "generation length limit"})
     out: str | None = field(default=None, metadata={"help": "directory for predictions.jsonl and summary.json"})
     seed: int = field(default=0, metadata={"help": "data seed for suite tasks"})
+    judge_url: str | None = field(default=None, metadata={"help": "optional OpenAI-compatible endpoint of a judge model"})
+    judge_model: str | None = field(default=None, metadata={"help": "judge model name on that endpoint"})
+    judge_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the judge's key"})
 
     def __post_init__(self):
         if bool(self.task) == bool(self.data):
             raise ValueError("give exactly one of task (a suite task) or data (a JSONL file)")
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise ValueError("the judge needs both judge_url and judge_model")
 
 
 def read_eval_file(path: str, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
@@ -108,12 +113,21 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     if cfg.general:
         g, per = general_ability(model, tokenizer, cfg.n_general, cfg.seed)
         summary.update(general_ability=g, general_per_domain=per)
+    grades = None
+    if cfg.judge_url:
+        from .judge import JudgeConfig, judge
+
+        j = judge(prompts, refs, preds, JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
+        grades = j.grades
+        summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model)
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "predictions.jsonl", "w") as f:
-            for p, r, y in zip(prompts, refs, preds):
-                f.write(json.dumps({"prompt": p, "answers": r, "prediction": y,
-                                    "score": float(METRICS[metric]([y], [r]))}) + "\n")
+            for i, (p, r, y) in enumerate(zip(prompts, refs, preds)):
+                row = {"prompt": p, "answers": r, "prediction": y, "score": float(METRICS[metric]([y], [r]))}
+                if grades is not None:
+                    row["judge_grade"] = grades[i]
+                f.write(json.dumps(row) + "\n")
         write_json_atomic(out / "summary.json", summary)
     return summary

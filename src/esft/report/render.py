@@ -95,7 +95,7 @@ def efficiency_rows(res: Results, variants: list[str], total_experts: int) -> li
         if not runs:
             continue
 
-        def m(key, scale=1.0, digits=1):
+        def m(key, scale=1.0, digits=1, runs=runs):
             vals = [r[key] / scale for r in runs if r.get(key) is not None]
             return f"{statistics.fmean(vals):.{digits}f}" if vals else "–"
 
