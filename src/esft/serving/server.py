@@ -1,0 +1,316 @@
+"""`esft serve`: an OpenAI-compatible HTTP API over one base model and many woven ESFT adapters.
+
+    GET  /v1/models                    the base model and every loaded adapter, by name
+    POST /v1/completions               {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed"}
+    POST /v1/chat/completions          {"model", "messages", ...}
+    POST   /admin/adapters             {"name", "path"}   (admin token; path must lie under the adapter root)
+    DELETE /admin/adapters/{name}      (admin token)
+
+The ``model`` field picks the adapter (the base model's own name picks no adapter). Errors use
+the OpenAI error body: ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request  # module level: FastAPI resolves the handlers' (string) annotations here
+
+from .engine import Engine, GenParams, RequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""  # base checkpoint ('' = the shipped model)
+    base_name: str = "base"  # the base model's name in /v1/models
+    adapters: dict | None = None  # name -> directory, loaded at start-up
+    adapter_root: str = "."  # adapters load only from directories under this one
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # if set, every /v1 call needs "Authorization: Bearer <key>"
+    admin_token: str | None = None  # the admin endpoints refuse every call when unset
+    max_batch: int = 16
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+class AdapterPathError(ValueError):
+    pass
+
+
+def resolve_under(root: str | Path, path: str | Path) -> Path:
+    """``path`` (relative to ``root`` or absolute) if it lies inside ``root`` after resolving links; else refuse."""
+    root_r = Path(root).resolve()
+    p = Path(path)
+    full = (p if p.is_absolute() else root_r / p).resolve()
+    if full != root_r and root_r not in full.parents:
+        raise AdapterPathError(f"adapter path {str(path)!r} is outside the adapter root {str(root_r)!r}")
+    if not full.is_dir():
+        raise AdapterPathError(f"adapter path {str(path)!r} is not a directory")
+    return full
+
+
+def build_app(engine: Engine, cfg: ServeConfig):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="esft serve", version="1")
+    weaver = engine.weaver
+
+    def error(status: int, message: str, typ: str = "invalid_request_error", code: str | None = None):
+        return JSONResponse({"error": {"message": message, "type": typ, "code": code}}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc):
+        return error(400, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc):
+        return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    def authorized(request: Request, secret: str | None) -> bool:
+        got = request.headers.get("authorization", "")
+        return secret is not None and hmac.compare_digest(got.encode(), f"Bearer {secret}".encode())
+
+    @app.middleware("http")
+    async def _api_key(request: Request, call_next):
+        if cfg.api_key and request.url.path.startswith("/v1") and not authorized(request, cfg.api_key):
+            return error(401, "missing or wrong API key", "authentication_error", "invalid_api_key")
+        return await call_next(request)
+
+    def names() -> list[str]:
+        return [cfg.base_name] + weaver.names()
+
+    def adapter_of(model: str):
+        if model == cfg.base_name:
+            return None
+        if model not in weaver.names():
+            raise LookupError(f"model {model!r} does not exist; available: {', '.join(names())}")
+        return model
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "esft",
+                                            "parent": None if n == cfg.base_name else cfg.base_name}
+                                           for n in names()]}
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    def params_of(body: dict) -> GenParams:
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        try:
+            p = GenParams(max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),
+                          temperature=float(body["temperature"]) if body.get("temperature") is not None else 1.0,
+                          top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
+                          stop=[str(s) for s in stop], seed=body.get("seed"))
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"bad parameter value ({e})") from None
+        if p.seed is not None and not isinstance(p.seed, int):
+            raise RequestError("seed must be an integer")
+        p.check()
+        return p
+
+    async def handle(request: Request, chat: bool):
+        try:
+            body = await body_of(request)
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise RequestError("'model' (a string) is required")
+            try:
+                adapter = adapter_of(model)
+            except LookupError as e:
+                return error(404, str(e), code="model_not_found")
+            params = params_of(body)
+            if chat:
+                msgs = body.get("messages")
+                if not isinstance(msgs, list):
+                    raise RequestError("'messages' (a list) is required")
+                ids = engine.encode_chat(msgs)
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise RequestError("'prompt' must be one string")
+                ids = engine.encode_completion(prompt)
+            req = engine.submit(adapter, ids, params)
+        except RequestError as e:
+            return error(400, str(e))
+        except KeyError as e:  # adapter unloaded between lookup and submit
+            return error(404, str(e.args[0]), code="model_not_found")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        loop = asyncio.get_running_loop()
+
+        async def next_event():
+            return await loop.run_in_executor(None, req.events.get)
+
+        def choice(text: str | None, finish: str | None, stream: bool):
+            if chat:
+                key = "delta" if stream else "message"
+                msg = {} if text is None else ({"role": "assistant", "content": text} if not stream else {"content": text})
+                return {"index": 0, key: msg, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        if body.get("stream"):
+            async def sse():
+                if chat:
+                    first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    ev = await next_event()
+                    if ev[0] == "error":
+                        yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                        break
+                    done = ev[0] == "done"
+                    chunk = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created, "model": model,
+                             "choices": [choice(None if done and chat else ("" if done else ev[1]),
+                                                ev[1] if done else None, True)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    if done:
+                        break
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        parts = []
+        while True:
+            ev = await next_event()
+            if ev[0] == "text":
+                parts.append(ev[1])
+            elif ev[0] == "error":
+                return error(500, ev[1], "server_error")
+            else:
+                finish, n = ev[1], ev[2]
+                break
+        return {"id": rid, "object": obj, "created": created, "model": model,
+                "choices": [choice("".join(parts), finish, False)],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.post("/admin/adapters")
+    async def load_adapter(request: Request):
+        if not authorized(request, cfg.admin_token):
+            return error(401, "the admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
+        name = None
+        try:
+            body = await body_of(request)
+            name, path = body.get("name"), body.get("path")
+            if not isinstance(name, str) or not name or name == cfg.base_name or not isinstance(path, str):
+                raise RequestError(f"give a 'name' (not {cfg.base_name!r}) and a 'path'")
+            full = resolve_under(cfg.adapter_root, path)
+            await asyncio.get_running_loop().run_in_executor(None, _load, engine, name, full)
+        except (ValueError, OSError) as e:  # bad request, path outside the root, damaged or foreign adapter
+            return error(400, f"adapter {name!r} refused: {e}")
+        return {"loaded": name, "models": names()}
+
+    @app.delete("/admin/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        if not authorized(request, cfg.admin_token):
+            return error(401, "the admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
+        try:
+            with engine.lock:
+                weaver.unload(name)
+        except KeyError as e:
+            return error(404, str(e.args[0]), code="model_not_found")
+        return {"unloaded": name, "models": names()}
+
+    return app
+
+
+def _load(engine: Engine, name: str, path: Path) -> None:
+    """Read and check the adapter outside the lock; swap it in between batches."""
+    from ..adapter.io import read_adapter
+
+    adapter = read_adapter(path)
+    with engine.lock:
+        engine.weaver.load(name, adapter)
+
+
+def start_engine(cfg: ServeConfig) -> Engine:
+    """Load the base model, weave the start-up adapters (a bad one is logged and skipped), start the engine."""
+    from ..embedded import embedded_model_dir
+    from ..models.loading import load_model
+    from .weave import Weaver
+
+    model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device)
+    weaver = Weaver(model.eval())
+    for name, path in (cfg.adapters or {}).items():
+        try:
+            weaver.load(name, resolve_under(cfg.adapter_root, path))
+            log.info("loaded adapter %s from %s", name, path)
+        except (ValueError, OSError) as e:
+            log.error("adapter %s (%s) refused: %s", name, path, e)
+    return Engine(model, tok, weaver, max_batch=cfg.max_batch)
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    engine = start_engine(cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from other machines%s", cfg.host,
+                    "" if cfg.api_key else " WITHOUT an API key")
+    try:
+        uvicorn.run(build_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        engine.close()
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a thread (tests, benchmarks): ``with BackgroundServer(app) as s: s.url``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.host = host
+        self.thread = None
+        self.url = ""
+
+    def __enter__(self) -> "BackgroundServer":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="esft-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,160 @@
+"""Many ESFT adapters over one base model, in one forward pass (ExpertWeave-style).
+
+ESFT freezes the router, so every adapter routes exactly like the base model; an adapter only
+replaces a few experts' weights. Per MoE layer, :class:`WovenExperts` keeps
+
+    base    the original fused experts module (all E experts), frozen, held once
+    bank    a second instance of the same class holding every loaded adapter's changed experts,
+            stacked: [M, 2I, H] and [M, H, I]
+    table   [A, E] long: for adapter row a and expert e, the expert's slot in ``bank``, or -1
+            where the adapter keeps the base expert (row 0 = the base model: all -1)
+
+After routing, each token's top-k ids are looked up in its request's table row. Pairs that hit
+an adapter's expert go through ``bank`` (one pair per row, k=1); the others go through ``base``
+with the bank-served ids set to the sentinel E, which every transformers experts implementation
+skips (its expert-parallel convention). So one batch mixes requests of different adapters and
+of the base model, and memory is the base once plus only the experts each adapter changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter.fingerprint import model_fingerprint
+from ..adapter.io import Adapter, AdapterError, _check_expert_shapes, _split, check_base, read_adapter
+from ..models.registry import get_family, moe_layers
+from ..training.experts import EXPERT_PARAMS, _subset_copy
+
+
+class WovenExperts(nn.Module):
+    """forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H], with
+    ``self.rows`` ([B] adapter row per sequence, set by :class:`Weaver`) and N = B x T."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self._base_was_ep = getattr(base, "_is_expert_parallel", False)
+        base._is_expert_parallel = True
+        self.bank: nn.Module | None = None
+        self.register_buffer("table", torch.full((1, base.gate_up_proj.shape[0]), -1, dtype=torch.long,
+                                                 device=base.gate_up_proj.device), persistent=False)
+        self.rows: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.base.num_experts
+
+    def set_bank(self, experts: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> None:
+        """Install the stacked adapter experts ([(gate_up [2I,H], down [H,I]), ...]) and the [A, E] table."""
+        dev = self.base.gate_up_proj.device
+        self.table = table.to(dev)
+        if not experts:
+            self.bank = None
+            return
+        bank = _subset_copy(self.base, [0])  # same class and config; weights replaced below
+        for n, i in zip(EXPERT_PARAMS, range(2)):
+            w = torch.stack([e[i] for e in experts]).to(dev, getattr(self.base, n).dtype)
+            setattr(bank, n, nn.Parameter(w, requires_grad=False))
+        bank.num_experts = len(experts)
+        bank._is_expert_parallel = True
+        self.bank = bank
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        N = hidden_states.shape[0]
+        rows = self.rows if self.rows is not None else torch.zeros(1, dtype=torch.long, device=hidden_states.device)
+        if N % rows.numel():
+            raise RuntimeError(f"woven experts got {N} tokens for a batch of {rows.numel()} sequences")
+        per_token = rows.to(hidden_states.device).repeat_interleave(N // rows.numel())  # [N]
+        slot = self.table[per_token.unsqueeze(1), top_k_index]  # [N, K]; -1 = base expert
+        chosen = slot >= 0
+        if self.bank is None or not bool(chosen.any()):
+            return self.base(hidden_states, top_k_index, top_k_weights)
+        out = self.base(hidden_states, top_k_index.masked_fill(chosen, self.base.num_experts),
+                        top_k_weights.masked_fill(chosen, 0))
+        tok, pos = chosen.nonzero(as_tuple=True)
+        y = self.bank(hidden_states[tok], slot[tok, pos].unsqueeze(1), top_k_weights[tok, pos].unsqueeze(1))
+        return out.index_add(0, tok, y.to(out.dtype))
+
+
+class Weaver:
+    """Loads adapters by name onto one base model; ``rows_for(names)`` gives the per-sequence table rows.
+
+    Usage::
+
+        w = Weaver(model)
+        w.load("sql", "adapters/sql")
+        w.set_rows(["sql", None, "sql"])      # one name per sequence; None = the base model
+        model(input_ids=...)                  # [3, T]: each row through its own adapter
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = get_family(model)
+        self.layers = {l.index: l for l in moe_layers(model)}
+        self.adapters: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.meta: dict[str, Adapter] = {}
+        self.fingerprint = model_fingerprint(model)  # of the plain base, before any weaving
+        for l in self.layers.values():
+            if not isinstance(l.experts, WovenExperts):
+                setattr(l.block, self.family.experts_attr, WovenExperts(l.experts))
+        self.layers = {l.index: l for l in moe_layers(model)}
+        self._rebuild()
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def load(self, name: str, adapter: Adapter | str, allow_other_base: bool = False) -> None:
+        """Validate and add an adapter (routed experts only: dense changes cannot be shared per request)."""
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+        if not allow_other_base:
+            check_base(self.model, a, self.fingerprint)
+        routed, rest = _split(a, self.model)  # the woven modules name their frozen experts ".experts.base."
+        if rest:
+            raise AdapterError(f"{a.path}: trains non-expert tensors ({sorted(rest)[:3]}...); only routed-expert "
+                               "adapters can share one base model. Merge it into its own checkpoint instead.")
+        experts = {}
+        for (l, e), parts in routed.items():
+            w = self.layers[l].experts.base
+            _check_expert_shapes(a, l, e, parts, w.gate_up_proj, w.down_proj)
+            experts[(l, e)] = (torch.cat([parts["gate"], parts["up"]], 0), parts["down"])
+        self.adapters[name] = experts
+        self.meta[name] = a
+        self._rebuild()
+
+    def unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        del self.adapters[name], self.meta[name]
+        self._rebuild()
+
+    def row(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        try:
+            return 1 + list(self.adapters).index(name)
+        except ValueError:
+            raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})") from None
+
+    def set_rows(self, names: list[str | None]) -> None:
+        rows = torch.tensor([self.row(n) for n in names], dtype=torch.long)
+        for l in self.layers.values():
+            l.experts.rows = rows
+
+    def adapter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ex in self.adapters.values() for pair in ex.values() for t in pair)
+
+    def _rebuild(self) -> None:
+        names = list(self.adapters)
+        for li, l in self.layers.items():
+            E = l.experts.base.gate_up_proj.shape[0]
+            table = torch.full((1 + len(names), E), -1, dtype=torch.long)
+            stacked = []
+            for a, name in enumerate(names, start=1):
+                for (layer, e), pair in sorted(self.adapters[name].items()):
+                    if layer == li:
+                        table[a, e] = len(stacked)
+                        stacked.append(pair)
+            l.experts.set_bank(stacked, table)

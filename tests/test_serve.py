@@ -1,0 +1,168 @@
+"""`esft serve` on the shipped model with two woven adapters, driven by the official openai client."""
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from esft.adapter.fingerprint import model_fingerprint  # noqa: E402
+from esft.adapter.io import merge_adapter, save_adapter  # noqa: E402
+from esft.embedded import embedded_model_dir  # noqa: E402
+from esft.eval.generate import generate  # noqa: E402
+from esft.models.loading import load_model  # noqa: E402
+from esft.serving.server import BackgroundServer, ServeConfig, build_app, start_engine  # noqa: E402
+from esft.training.experts import apply_esft  # noqa: E402
+
+SELS = {"A": {1: [0, 5, 9], 2: [3]}, "B": {2: [3, 17], 3: [30]}}
+QUESTIONS = ["What is 12 plus 7?", "Reverse the list [1, 2, 3].", "Translate: the red house"]
+
+
+def _make_adapter(out, sel, seed):
+    model, _ = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    fp = model_fingerprint(model)
+    plan = apply_esft(model, {"experts": sel})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in plan.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 2)  # strong enough to change greedy answers
+    save_adapter(plan, out, fp)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, sel) in enumerate(SELS.items()):
+        _make_adapter(root / name, sel, i)
+    cfg = ServeConfig(adapters={"a": "A", "b": "B"}, adapter_root=str(root), admin_token="adm1n", dtype="float32",
+                      device="cpu", max_batch=8)
+    engine = start_engine(cfg)
+    with BackgroundServer(build_app(engine, cfg)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield {"client": client, "url": srv.url, "root": root, "engine": engine}
+    engine.close()
+
+
+def _alone(adapter_dir):
+    model, tok = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    if adapter_dir is not None:
+        merge_adapter(model, adapter_dir)
+    return model.eval(), tok
+
+
+def _post(url, body, token=None, method="POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_base_and_adapters(server):
+    assert [m.id for m in server["client"].models.list().data] == ["base", "a", "b"]
+
+
+def test_chat_greedy_equals_each_model_alone_and_streaming_equals_plain(server):
+    client = server["client"]
+    answers = {}
+    for name, adir in (("base", None), ("a", server["root"] / "A"), ("b", server["root"] / "B")):
+        model, tok = _alone(adir)
+        want = generate(model, tok, QUESTIONS, max_new_tokens=16)
+        got = [client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}], temperature=0,
+                                              max_tokens=16).choices[0].message.content.strip() for q in QUESTIONS]
+        assert got == want, name
+        answers[name] = got
+        chunks = client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                temperature=0, max_tokens=16, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == want[0]
+    assert answers["a"] != answers["base"] or answers["b"] != answers["base"]  # the adapters change answers
+
+
+def test_completions_stop_length_and_sampling(server):
+    client = server["client"]
+    r = client.completions.create(model="a", prompt="User: Count to five.\n\nAssistant:", temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 5
+    full = r.choices[0].text
+    if len(full.strip()) > 2:
+        stop = full.strip()[1:3]
+        s = client.completions.create(model="a", prompt="User: Count to five.\n\nAssistant:", temperature=0,
+                                      max_tokens=5, stop=[stop])
+        assert stop not in s.choices[0].text and full.startswith(s.choices[0].text)
+    same = [client.completions.create(model="b", prompt="User: hi\n\nAssistant:", temperature=1.0, top_p=0.9,
+                                      max_tokens=8, seed=7).choices[0].text for _ in range(2)]
+    assert same[0] == same[1]  # a seed makes sampling reproducible
+
+
+def test_concurrent_mixed_requests_get_their_own_tokens(server):
+    client = server["client"]
+    jobs = [(m, q) for m in ("base", "a", "b") for q in QUESTIONS] * 2
+
+    def ask(job):
+        m, q = job
+        return client.chat.completions.create(model=m, messages=[{"role": "user", "content": q}], temperature=0,
+                                              max_tokens=12).choices[0].message.content
+
+    solo = {job: ask(job) for job in dict.fromkeys(jobs)}
+    before = server["engine"].stats["max_batch_seen"]
+    with ThreadPoolExecutor(9) as ex:
+        together = list(ex.map(ask, jobs))
+    assert together == [solo[j] for j in jobs]
+    assert server["engine"].stats["max_batch_seen"] >= max(before, 2)  # requests really shared batches
+
+
+def test_bad_requests_get_clear_errors(server):
+    client, url = server["client"], server["url"]
+    with pytest.raises(openai.NotFoundError, match="available: base, a, b"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="a", prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="a", prompt="word " * 5000, max_tokens=4)
+    status, body = _post(url + "/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {"model": "a", "messages": [{"role": "assistant", "content": "x"}]})
+    assert status == 400 and "last message" in body["error"]["message"]
+
+
+def test_admin_needs_token_stays_under_root_and_refuses_bad_adapters(server, tmp_path):
+    url, client, root = server["url"], server["client"], server["root"]
+    assert _post(url + "/admin/adapters", {"name": "c", "path": "A"})[0] == 401
+    assert _post(url + "/admin/adapters", {"name": "c", "path": "A"}, token="wrong")[0] == 401
+    status, body = _post(url + "/admin/adapters", {"name": "c", "path": "../"}, token="adm1n")
+    assert status == 400 and "outside the adapter root" in body["error"]["message"]
+    (root / "broken").mkdir()
+    (root / "broken" / "expert_cfg.json").write_text("{}")
+    status, body = _post(url + "/admin/adapters", {"name": "c", "path": "broken"}, token="adm1n")
+    assert status == 400
+    status, body = _post(url + "/admin/adapters", {"name": "c", "path": "A"}, token="adm1n")
+    assert status == 200 and body["models"] == ["base", "a", "b", "c"]
+    assert client.chat.completions.create(model="c", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                          max_tokens=4).choices[0].message.content is not None
+    assert _post(url + "/admin/adapters/c", b"", token="adm1n", method="DELETE")[0] == 200
+    assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+
+
+def test_api_key_is_enforced_when_set():
+    from esft.serving.engine import Engine
+    from esft.serving.weave import Weaver
+
+    model, tok = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    engine = Engine(model, tok, Weaver(model))
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(api_key="k3y"))) as srv:
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+            ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="k3y", max_retries=0).models.list()
+            assert [m.id for m in ok.data] == ["base"]
+    finally:
+        engine.close()
