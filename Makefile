@@ -4,6 +4,7 @@
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA + ablations, 4 tasks x 3 seeds -> docs/report.md (< 60 min on 2 cores)
+#   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -46,7 +47,10 @@ report: install
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
 
+bench-serve: install
+	$(BIN)/python benchmarks/serve_throughput.py
+
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
-.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick
+.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve

@@ -4,7 +4,8 @@ against one merged model per adapter. On the shipped model, CPU by default.
 
 For each adapter count N (default 1, 4, 8, 16) it makes N adapters (random expert selections of
 ESFT-like size, perturbed weights; saved and loaded like real ones) and a workload of requests
-spread evenly over the adapters (task-suite prompts, greedy, --max-tokens each). Then, all through
+spread evenly over the adapters (task-suite prompts, greedy, exactly --max-tokens each: EOS is
+ignored so that every setup generates the same number of tokens and batches run equally long). Then, all through
 the same :class:`esft.serving.engine.Engine` (dynamic batching, up to --max-batch requests per
 batch), it measures generated tokens per second for
 
@@ -12,7 +13,7 @@ batch), it measures generated tokens per second for
   woven        one base + N adapters woven, requests of all adapters batched together
   merged x N   one merged model per adapter, each serving its own requests (one after another)
 
-and memory as parameter bytes: the woven model against the base plus the adapters' expert bytes,
+and memory as parameter bytes (distinct storages: the woven base is a view, counted once): the woven model against the base plus the adapters' expert bytes,
 and against N merged models. Throughput is measured at the engine (no HTTP), the requests all
 submitted at once. Targets: woven throughput at 8 adapters >= 0.85 x base alone; woven memory
 <= base + adapters' expert bytes + 10%. Prints a table; the LAST line is one JSON object.
@@ -69,7 +70,7 @@ def run_workload(engine, jobs: list[tuple[str | None, list[int]]], max_tokens: i
     from esft.serving.engine import GenParams
 
     t = time.perf_counter()
-    reqs = [engine.submit(a, ids, GenParams(max_tokens=max_tokens, temperature=0.0)) for a, ids in jobs]
+    reqs = [engine.submit(a, ids, GenParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)) for a, ids in jobs]
     tokens = 0
     for r in reqs:
         while True:
@@ -85,12 +86,15 @@ def run_workload(engine, jobs: list[tuple[str | None, list[int]]], max_tokens: i
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8, 16], help="adapter counts to measure")
-    ap.add_argument("--requests", type=int, default=48, help="requests per measurement (spread over the adapters)")
+    ap.add_argument("--requests", type=int, default=96, help="requests per measurement (spread over the adapters)")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per request (greedy)")
-    ap.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    ap.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     ap.add_argument("--experts-per-layer", type=int, default=3, help="experts each adapter changes per MoE layer")
-    ap.add_argument("--repeats", type=int, default=2, help="measurements per setting (best is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="measurements per setting (the median is reported)")
     ap.add_argument("--model", default=None, help="base checkpoint (default: the shipped model)")
+    ap.add_argument("--experts-implementation", default=None,
+                    help="transformers experts kernel for every model compared (eager, batched_mm, grouped_mm; "
+                    "default: the model's own)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -103,46 +107,55 @@ def main(argv=None) -> int:
     from esft.data.conversations import prompt_text
 
     model_dir = a.model or embedded_model_dir()
-    base, tok = load_model(model_dir, dtype="float32", device="cpu")
+
+    def load(path=model_dir):
+        m, t = load_model(path, dtype="float32", device="cpu")
+        if a.experts_implementation:
+            m.config._experts_implementation = a.experts_implementation
+        return m, t
+
+    base, tok = load()
     prompts = [p for p, _ in generate_split("translate_synth", "eval", 40, 0)] + \
               [p for p, _ in generate_split("arithmetic", "eval", 40, 0)]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     encoded = [bos + tok.encode(prompt_text(p), add_special_tokens=False) for p in prompts]
     base_bytes = param_bytes(base)
 
-    def best(engine, jobs):
-        runs = [run_workload(engine, jobs, a.max_tokens) for _ in range(a.repeats)]
-        secs, toks = min(runs)
-        return toks / secs
+    def median_tps(runs):
+        rates = sorted(toks / secs for secs, toks in runs)
+        return rates[len(rates) // 2]
 
     rows, record = [], {"base_param_bytes": base_bytes, "settings": vars(a), "results": []}
     plain = Engine(base, tok, None, max_batch=a.max_batch)
     base_jobs = [(None, encoded[i % len(encoded)]) for i in range(a.requests)]
     run_workload(plain, base_jobs[:4], 4)  # warm-up
-    base_tps = best(plain, base_jobs)
-    plain.close()
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.adapters:
             dirs = make_adapters(model_dir, Path(tmp) / f"n{n}", n, a.experts_per_layer, a.seed + 100 * n)
-            model, _ = load_model(model_dir, dtype="float32", device="cpu")
+            model, _ = load()
             weaver = Weaver(model)
             for i, d in enumerate(dirs):
                 weaver.load(f"a{i}", d)
             engine = Engine(model, tok, weaver, max_batch=a.max_batch)
             jobs = [(f"a{i % n}", encoded[i % len(encoded)]) for i in range(a.requests)]
             run_workload(engine, jobs[:4], 4)
-            woven_tps = best(engine, jobs)
-            woven_bytes, adapter_bytes = param_bytes(model), weaver.adapter_bytes()
+            # base alone and woven interleaved, so slow moments of the machine hit both alike
+            base_runs, woven_runs = [], []
+            for _ in range(a.repeats):
+                base_runs.append(run_workload(plain, base_jobs, a.max_tokens))
+                woven_runs.append(run_workload(engine, jobs, a.max_tokens))
+            base_tps, woven_tps = median_tps(base_runs), median_tps(woven_runs)
+            woven_bytes, adapter_bytes = weaver.weight_bytes(), weaver.adapter_bytes()
             engine.close()
             # one merged model per adapter, each serving its own share of the requests
             merged_secs, merged_toks = 0.0, 0
             for i, d in enumerate(dirs):
-                m, _ = load_model(model_dir, dtype="float32", device="cpu")
+                m, _ = load()
                 merge_adapter(m, d)
                 e = Engine(m, tok, None, max_batch=a.max_batch)
                 own = [(None, ids) for (name, ids) in jobs if name == f"a{i}"]
-                runs = [run_workload(e, own, a.max_tokens) for _ in range(a.repeats)]
-                s, t = min(runs)
+                runs = sorted(run_workload(e, own, a.max_tokens) for _ in range(a.repeats))
+                s, t = runs[len(runs) // 2]
                 merged_secs, merged_toks = merged_secs + s, merged_toks + t
                 e.close()
                 del m
@@ -156,10 +169,11 @@ def main(argv=None) -> int:
             record["results"].append(res)
             rows.append(res)
             print(f"  measured {n} adapter(s)", file=sys.stderr, flush=True)
+    plain.close()
 
     mib = 2**20
     print(f"\nServing {a.requests} requests x {a.max_tokens} greedy tokens, batches of <= {a.max_batch}, "
-          f"{torch.get_num_threads()} threads; base model {base_bytes / mib:.1f} MiB of parameters\n")
+          f"{torch.get_num_threads()} threads, experts kernel {base.config._experts_implementation}; base model {base_bytes / mib:.1f} MiB of parameters\n")
     head = ["adapters", "woven tok/s", "base-alone tok/s", "merged xN tok/s", "woven/base", "woven MiB",
             "base+adapters MiB", "ratio", "N merged MiB"]
     print(" | ".join(head))

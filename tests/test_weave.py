@@ -6,7 +6,7 @@ import torch
 from esft.adapter.fingerprint import model_fingerprint
 from esft.adapter.io import AdapterError, merge_adapter, save_adapter
 from esft.models.loading import load_model
-from esft.serving.weave import Weaver
+from esft.serving.weave import Weaver, storage_bytes
 from esft.training.experts import apply_esft
 
 SEL_A = {1: [2, 7], 2: [0, 11, 4]}
@@ -73,10 +73,11 @@ def test_memory_is_base_plus_changed_experts_and_unload_restores(tiny_dir, adapt
     layer = next(iter(w.layers.values())).experts.base
     per_expert = (layer.gate_up_proj[0].numel() + layer.down_proj[0].numel()) * layer.gate_up_proj.element_size()
     n_experts = sum(map(len, SEL_A.values())) + sum(map(len, SEL_B.values()))
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert total == base_bytes + n_experts * per_expert == base_bytes + w.adapter_bytes()
+    # the base experts are views into the woven tensors: held once
+    assert storage_bytes(model) == base_bytes + n_experts * per_expert == base_bytes + w.adapter_bytes()
     ids = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(1))
     w.unload("A")
+    assert storage_bytes(model) == base_bytes + sum(map(len, SEL_B.values())) * per_expert
     w.set_rows(["B", None])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits[1], _alone(tiny_dir, None)(input_ids=ids[1:]).logits[0],
@@ -85,6 +86,8 @@ def test_memory_is_base_plus_changed_experts_and_unload_restores(tiny_dir, adapt
                                    _alone(tiny_dir, adapters["B"])(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match=r"no adapter named 'A' \(loaded: B\)"):
         w.set_rows(["A"])
+    w.unload("B")  # nothing woven any more: the base gets its own storage back
+    assert storage_bytes(model) == base_bytes
 
 
 def test_bad_adapters_are_refused_and_the_rest_keep_serving(tiny_dir, adapters, tmp_path):

@@ -33,6 +33,7 @@ class GenParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks: equal lengths across compared setups)
 
     def check(self) -> None:
         if self.max_tokens < 1:
@@ -203,7 +204,7 @@ class _Stream:
         self.hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may still be forming
 
     def push(self, token: int, eos: int) -> None:
-        if token == eos:
+        if token == eos and not self.req.params.ignore_eos:
             return self.finish("stop")
         self.tokens.append(token)
         text = self.tok.decode(self.tokens, skip_special_tokens=True)

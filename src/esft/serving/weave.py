@@ -1,19 +1,18 @@
 """Many ESFT adapters over one base model, in one forward pass (ExpertWeave-style).
 
 ESFT freezes the router, so every adapter routes exactly like the base model; an adapter only
-replaces a few experts' weights. Per MoE layer, :class:`WovenExperts` keeps
+replaces a few experts' weights. Per MoE layer, :class:`WovenExperts` keeps one experts module
+``all`` of the model's own class over E + M experts: the E base experts followed by the M experts
+that the loaded adapters changed (the base module's tensors become views of its first E rows, so
+the base is held once), and a table
 
-    base    the original fused experts module (all E experts), frozen, held once
-    bank    a second instance of the same class holding every loaded adapter's changed experts,
-            stacked: [M, 2I, H] and [M, H, I]
-    table   [A, E] long: for adapter row a and expert e, the expert's slot in ``bank``, or -1
-            where the adapter keeps the base expert (row 0 = the base model: all -1)
+    table   [A, E] long: for adapter row a and expert e, the index in ``all`` to run
+            (row 0 = the base model: e itself; an adapter's changed expert: E + its slot)
 
-After routing, each token's top-k ids are looked up in its request's table row. Pairs that hit
-an adapter's expert go through ``bank`` (one pair per row, k=1); the others go through ``base``
-with the bank-served ids set to the sentinel E, which every transformers experts implementation
-skips (its expert-parallel convention). So one batch mixes requests of different adapters and
-of the base model, and memory is the base once plus only the experts each adapter changed.
+After routing (the base router's, untouched), each token's top-k ids are looked up in its
+request's table row and the model's own experts code runs once on the rewritten ids. So one batch
+mixes requests of different adapters and of the base model, at the cost of one table lookup per
+layer, and memory is the base once plus only the experts each adapter changed.
 """
 
 from __future__ import annotations
@@ -34,47 +33,46 @@ class WovenExperts(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self._base_was_ep = getattr(base, "_is_expert_parallel", False)
-        base._is_expert_parallel = True
-        self.bank: nn.Module | None = None
-        self.register_buffer("table", torch.full((1, base.gate_up_proj.shape[0]), -1, dtype=torch.long,
-                                                 device=base.gate_up_proj.device), persistent=False)
+        self.all = base  # the base itself while no adapter is loaded
+        self.E = base.gate_up_proj.shape[0]
+        self.register_buffer("table", torch.arange(self.E, device=base.gate_up_proj.device).unsqueeze(0),
+                             persistent=False)
         self.rows: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
-        return self.base.num_experts
+        return self.E
 
+    @torch.no_grad()
     def set_bank(self, experts: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> None:
-        """Install the stacked adapter experts ([(gate_up [2I,H], down [H,I]), ...]) and the [A, E] table."""
+        """Install the adapters' experts ([(gate_up [2I,H], down [H,I]), ...]) and the [A, E] index table."""
         dev = self.base.gate_up_proj.device
         self.table = table.to(dev)
+        current = {n: getattr(self.base, n).detach() for n in EXPERT_PARAMS}
         if not experts:
-            self.bank = None
+            if self.all is not self.base:  # give the base its own storage back, free the woven one
+                for n in EXPERT_PARAMS:
+                    setattr(self.base, n, nn.Parameter(current[n].clone(), requires_grad=False))
+                self.all = self.base
             return
-        bank = _subset_copy(self.base, [0])  # same class and config; weights replaced below
-        for n, i in zip(EXPERT_PARAMS, range(2)):
-            w = torch.stack([e[i] for e in experts]).to(dev, getattr(self.base, n).dtype)
-            setattr(bank, n, nn.Parameter(w, requires_grad=False))
-        bank.num_experts = len(experts)
-        bank._is_expert_parallel = True
-        self.bank = bank
+        woven = _subset_copy(self.base, [0])  # same class and settings; its weights are replaced below
+        for i, n in enumerate(EXPERT_PARAMS):
+            extra = torch.stack([e[i] for e in experts]).to(dev, current[n].dtype)
+            full = torch.cat([current[n], extra])  # [E + M, ...]
+            setattr(woven, n, nn.Parameter(full, requires_grad=False))
+            setattr(self.base, n, nn.Parameter(full[: self.E], requires_grad=False))  # a view: base held once
+        woven.num_experts = self.E + len(experts)
+        self.all = woven
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.all is self.base:
+            return self.base(hidden_states, top_k_index, top_k_weights)
         N = hidden_states.shape[0]
-        rows = self.rows if self.rows is not None else torch.zeros(1, dtype=torch.long, device=hidden_states.device)
+        rows = self.rows if self.rows is not None else torch.zeros(1, dtype=torch.long)
         if N % rows.numel():
             raise RuntimeError(f"woven experts got {N} tokens for a batch of {rows.numel()} sequences")
         per_token = rows.to(hidden_states.device).repeat_interleave(N // rows.numel())  # [N]
-        slot = self.table[per_token.unsqueeze(1), top_k_index]  # [N, K]; -1 = base expert
-        chosen = slot >= 0
-        if self.bank is None or not bool(chosen.any()):
-            return self.base(hidden_states, top_k_index, top_k_weights)
-        out = self.base(hidden_states, top_k_index.masked_fill(chosen, self.base.num_experts),
-                        top_k_weights.masked_fill(chosen, 0))
-        tok, pos = chosen.nonzero(as_tuple=True)
-        y = self.bank(hidden_states[tok], slot[tok, pos].unsqueeze(1), top_k_weights[tok, pos].unsqueeze(1))
-        return out.index_add(0, tok, y.to(out.dtype))
+        return self.all(hidden_states, self.table[per_token.unsqueeze(1), top_k_index], top_k_weights)
 
 
 class Weaver:
@@ -143,18 +141,31 @@ class Weaver:
         for l in self.layers.values():
             l.experts.rows = rows
 
+    def weight_bytes(self) -> int:
+        """Bytes of distinct parameter storage (woven base views are not counted twice)."""
+        return storage_bytes(self.model)
+
     def adapter_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ex in self.adapters.values() for pair in ex.values() for t in pair)
 
     def _rebuild(self) -> None:
         names = list(self.adapters)
         for li, l in self.layers.items():
-            E = l.experts.base.gate_up_proj.shape[0]
-            table = torch.full((1 + len(names), E), -1, dtype=torch.long)
+            E = l.experts.E
+            table = torch.arange(E).repeat(1 + len(names), 1)  # [A, E]: every row starts as the base
             stacked = []
             for a, name in enumerate(names, start=1):
                 for (layer, e), pair in sorted(self.adapters[name].items()):
                     if layer == li:
-                        table[a, e] = len(stacked)
+                        table[a, e] = E + len(stacked)
                         stacked.append(pair)
             l.experts.set_bank(stacked, table)
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind ``model``'s parameters (views count once)."""
+    seen = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
