@@ -126,6 +126,7 @@ def test_rerun_reuses_finished_runs(small_report, monkeypatch):
 
     monkeypatch.setattr(worker, "execute", boom)
     again = run_report(cfg, progress=False, command="esft report (test)")
+    assert again["runs_trained"] == 0 and again["runs_reused"] == len({r["key"] for r in state["results"]})
     assert {r["key"]: r["task_score"] for r in again["results"]} == {r["key"]: r["task_score"] for r in state["results"]}
 
 

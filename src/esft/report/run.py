@@ -39,6 +39,8 @@ class Runner:
     def __init__(self, cfg: ReportConfig, model_dir: str, data: dict, selections: dict, progress: bool):
         self.cfg, self.model_dir, self.data, self.selections, self.progress = cfg, model_dir, data, selections, progress
         self.work = Path(cfg.work_dir)
+        self.trained: set[str] = set()  # keys of the runs trained by this invocation
+        self.reused: set[str] = set()  # keys of the runs taken from the cache
 
     def job(self, run: Run) -> dict:
         v = variant_by_name(run.variant, self.cfg.p_sweep)
@@ -74,6 +76,8 @@ class Runner:
             (results.append(c) if c else todo.append(j))
         todo.sort(key=lambda j: -COST[j["train"]["method"]] - (1 if j["run"]["variant"].endswith("non-expert") else 0))
         log.info("%s: %d runs, %d cached, %d to train", stage, len(jobs), len(results), len(todo))
+        self.trained |= {j["run"]["key"] for j in todo}
+        self.reused |= {r["key"] for r in results} - self.trained
         errors = []
         bar = tqdm(total=len(todo), desc=f"report: {stage}", disable=not self.progress or not todo, dynamic_ncols=True)
         try:
@@ -184,7 +188,8 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
         "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,
                          "num_experts": p.num_experts, "top_k": p.top_k} for t, p in prep["profiles"].items()},
         "selected": prep["selected"], "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "runs_trained": len(runner.trained),
+        "runs_reused": len(runner.reused),
     }
     report = Path(cfg.report)
     report.parent.mkdir(parents=True, exist_ok=True)
