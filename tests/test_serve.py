@@ -166,3 +166,20 @@ def test_api_key_is_enforced_when_set():
             assert [m.id for m in ok.data] == ["base"]
     finally:
         engine.close()
+
+
+def test_a_bad_start_up_adapter_is_skipped_and_the_rest_served(server, tmp_path, caplog):
+    root = server["root"]
+    cfg = ServeConfig(adapters={"good": "A", "missing": "nope", "escape": "../..", "broken": "broken_startup"},
+                      adapter_root=str(root), dtype="float32", device="cpu")
+    (root / "broken_startup").mkdir(exist_ok=True)
+    (root / "broken_startup" / "expert_cfg.json").write_text("{not json")
+    with caplog.at_level("ERROR"):
+        engine = start_engine(cfg)
+    try:
+        assert engine.weaver.names() == ["good"]
+        refused = " ".join(r.getMessage() for r in caplog.records)
+        assert "missing" in refused and "escape" in refused and "outside the adapter root" in refused
+        assert "broken" in refused
+    finally:
+        engine.close()

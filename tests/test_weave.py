@@ -109,3 +109,23 @@ def test_bad_adapters_are_refused_and_the_rest_keep_serving(tiny_dir, adapters, 
     with pytest.raises(AdapterError, match="only routed-expert adapters can share one base model"):
         w.load("dense", tmp_path / "dense")
     assert w.names() == ["A"]
+
+
+def test_engine_fails_only_the_requests_of_an_unloaded_adapter(tiny_dir, adapters):
+    from esft.serving.engine import Engine, GenParams, Request
+
+    model, tok = load_model(tiny_dir / "model")
+    w = Weaver(model.eval())
+    w.load("A", adapters["A"])
+    engine = Engine(model, tok, w)
+    try:
+        ok = Request(None, [1, 5, 6, 7], GenParams(max_tokens=3, temperature=0, ignore_eos=True))
+        gone = Request("B", [1, 5, 6, 7], GenParams(max_tokens=3, temperature=0))  # never loaded / unloaded
+        with engine.lock:
+            engine._run([ok, gone])
+        events = [ok.events.get() for _ in range(ok.events.qsize())]
+        assert events[-1][0] == "done" and events[-1][2] == 3
+        kind, msg = gone.events.get_nowait()
+        assert kind == "error" and "'B' was unloaded" in msg
+    finally:
+        engine.close()

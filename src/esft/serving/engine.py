@@ -140,6 +140,14 @@ class Engine:
 
     @torch.no_grad()
     def _run(self, batch: list[Request]) -> None:
+        if self.weaver is not None:  # an adapter unloaded while its requests waited: only those fail
+            loaded = set(self.weaver.names())
+            for r in batch:
+                if r.adapter is not None and r.adapter not in loaded:
+                    r.events.put(("error", f"model {r.adapter!r} was unloaded before the request ran"))
+            batch = [r for r in batch if r.adapter is None or r.adapter in loaded]
+            if not batch:
+                return
         B = len(batch)
         self.stats["batches"] += 1
         self.stats["requests"] += B
