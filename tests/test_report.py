@@ -138,3 +138,18 @@ def test_a_failed_run_is_named(tmp_path):
     runner = Runner(cfg, "/nonexistent/model", data, {}, progress=False)
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: translate_synth/FFT/lr0.001/seed0"):
         runner.execute([Run("translate_synth", "FFT", 1e-3, 0)], "test")
+
+
+def test_cache_key_follows_file_contents_and_the_base_model(tmp_path):
+    from esft.report.run import Runner
+
+    cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0)
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"messages": []}\n')
+    data = {"translate_synth": {"train": train, "valid": train}}
+    run = Run("translate_synth", "FFT", 1e-3, 0)
+    a = Runner(cfg, "m", data, {}, False, {"weights": "w1"}).job(run)["job_id"]
+    assert Runner(cfg, "m", data, {}, False, {"weights": "w1"}).job(run)["job_id"] == a
+    assert Runner(cfg, "m", data, {}, False, {"weights": "w2"}).job(run)["job_id"] != a  # other base weights
+    train.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')  # same path, new data
+    assert Runner(cfg, "m", data, {}, False, {"weights": "w1"}).job(run)["job_id"] != a

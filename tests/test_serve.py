@@ -132,6 +132,20 @@ def test_bad_requests_get_clear_errors(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = _post(url + "/v1/chat/completions", {"model": "a", "messages": [{"role": "assistant", "content": "x"}]})
     assert status == 400 and "last message" in body["error"]["message"]
+    for bad, why in (({"seed": 2**64}, "seed"), ({"max_tokens": 0}, "max_tokens"), ({"messages": ["hi"]}, "messages[0]"),
+                     ({"top_p": 0}, "top_p"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
+        req = {"model": "a", "messages": [{"role": "user", "content": "x"}], **bad}
+        status, body = _post(url + "/v1/chat/completions", req)
+        assert status == 400 and why in body["error"]["message"], (bad, body)
+    status, body = _post(url + "/v1/completions", b'{"model": "a", "prompt": "x", "max_tokens": Infinity}')
+    assert status == 400 and "bad parameter value" in body["error"]["message"]
+    # content as a list of text parts (what many clients send) and a vanishing temperature both work
+    parts = [{"type": "text", "text": "What is 12 plus "}, {"type": "text", "text": "7?"}]
+    r = client.chat.completions.create(model="a", messages=[{"role": "user", "content": parts}], max_tokens=6,
+                                       temperature=1e-30)
+    want = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "What is 12 plus 7?"}],
+                                          max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == want.choices[0].message.content
 
 
 def test_admin_needs_token_stays_under_root_and_refuses_bad_adapters(server, tmp_path):

@@ -127,5 +127,45 @@ def test_engine_fails_only_the_requests_of_an_unloaded_adapter(tiny_dir, adapter
         assert events[-1][0] == "done" and events[-1][2] == 3
         kind, msg = gone.events.get_nowait()
         assert kind == "error" and "'B' was unloaded" in msg
+        # a request whose client went away stops at the next step, its neighbours do not
+        quit_ = Request(None, [1, 5, 6, 7], GenParams(max_tokens=5, temperature=0, ignore_eos=True))
+        quit_.cancelled = True
+        other = Request(None, [1, 5, 6, 7], GenParams(max_tokens=5, temperature=0, ignore_eos=True))
+        with engine.lock:
+            engine._run([quit_, other])
+        last = [quit_.events.get() for _ in range(quit_.events.qsize())][-1]
+        assert last[:2] == ("done", "cancelled") and last[2] == 0
+        assert [other.events.get() for _ in range(other.events.qsize())][-1] == ("done", "length", 5)
     finally:
         engine.close()
+
+
+def test_a_failed_rebuild_leaves_the_loaded_set_working(tiny_dir, adapters, monkeypatch):
+    from esft.serving.weave import WovenExperts
+
+    model, tok = load_model(tiny_dir / "model")
+    w = Weaver(model.eval())
+    w.load("A", adapters["A"])
+    ids = torch.randint(3, len(tok), (1, 8), generator=torch.Generator().manual_seed(3))
+    w.set_rows(["A"])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    calls = {"n": 0}
+    real = WovenExperts.build
+
+    def flaky(self, experts, table):  # the second layer runs out of memory
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated")
+        return real(self, experts, table)
+
+    monkeypatch.setattr(WovenExperts, "build", flaky)
+    with pytest.raises(MemoryError):
+        w.load("B", adapters["B"])
+    calls["n"] = 0
+    with pytest.raises(MemoryError):
+        w.unload("A")
+    assert w.names() == ["A"]
+    w.set_rows(["A"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -36,8 +36,11 @@ def _safe_execute(job: dict) -> dict:
 class Runner:
     """Turns runs into jobs, skips cached ones, executes the rest (in parallel processes)."""
 
-    def __init__(self, cfg: ReportConfig, model_dir: str, data: dict, selections: dict, progress: bool):
+    def __init__(self, cfg: ReportConfig, model_dir: str, data: dict, selections: dict, progress: bool,
+                 model_fingerprint: dict | None = None):
         self.cfg, self.model_dir, self.data, self.selections, self.progress = cfg, model_dir, data, selections, progress
+        self.model_fingerprint = model_fingerprint
+        self._sha: dict[str, str] = {}
         self.work = Path(cfg.work_dir)
         self.trained: set[str] = set()  # keys of the runs trained by this invocation
         self.reused: set[str] = set()  # keys of the runs taken from the cache
@@ -53,11 +56,23 @@ class Runner:
             save_every=0, keep_checkpoints=1, log_every=10, dtype="auto", device="auto", seed=run.seed,
             overwrite=True, tensorboard=False,
         )
-        job = {"run": run.as_dict(), "train": train,
+        # what the result depends on beyond the settings: the files' contents and the base weights
+        inputs = {"model": self.model_fingerprint,
+                  **{k: self._content(train[k]) for k in ("train_data", "valid_data", "expert_config")}}
+        job = {"run": run.as_dict(), "train": train, "inputs": inputs,
                "eval": {"n_eval": cfg.n_eval, "n_general": cfg.n_general, "data_seed": 0}}
         job["job_id"] = _job_id(job)  # the cache key: a result is reused only for the same settings
         job["threads"] = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else None
         return job
+
+    def _content(self, path: str | None) -> str | None:
+        import hashlib
+
+        if path is None or not Path(path).is_file():
+            return None  # a missing file fails the run itself, under its key
+        if path not in self._sha:
+            self._sha[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        return self._sha[path]
 
     def cached(self, job: dict) -> dict | None:
         path = Path(job["train"]["output_dir"]) / "result.json"
@@ -155,8 +170,11 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(path, expert_config(sel, scfg))
                 selections[(t, v.name, seed)] = str(path)
+    from ..adapter.fingerprint import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
     del model
-    return {"model_dir": model_dir, "data": data, "base": base, "base_general": base_general,
+    return {"model_dir": model_dir, "model_fingerprint": fingerprint, "data": data, "base": base, "base_general": base_general,
             "base_per_domain": base_per_domain, "profiles": profiles, "selections": selections,
             "selected": selected}
 
@@ -168,7 +186,7 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
 
     t0 = time.perf_counter()
     prep = prepare(cfg, progress)
-    runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress)
+    runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress, prep["model_fingerprint"])
     lr = {"esft": cfg.lr_esft, "full": cfg.lr_full, "lora": cfg.lr_lora}
     sweep, sweep_results = {}, []
     if cfg.sweep:

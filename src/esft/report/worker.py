@@ -46,11 +46,16 @@ def execute(job: dict) -> dict:
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per run would drown the report's own bar
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     cfg = TrainConfig(**job["train"])
     out = Path(cfg.output_dir)
     res = train(cfg, progress=False)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    peak, peak_kind = peak_memory_bytes(device)  # before evaluation, so it is training's peak
+    if job.get("threads") or device.startswith("cuda"):
+        peak, peak_kind = peak_memory_bytes(device)  # before evaluation, so it is training's peak
+    else:  # runs in the report's own process (workers=0): its peak RSS is not this run's
+        peak, peak_kind = None, "not measured (workers=0)"
     best = Path(res.best_dir)
     artifact = _weight_bytes(best)
 

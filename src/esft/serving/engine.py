@@ -40,6 +40,9 @@ class GenParams:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.temperature <= 5:
             raise RequestError(f"temperature must be in [0, 5], got {self.temperature}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
@@ -48,11 +51,19 @@ class GenParams:
 
 @dataclass
 class Request:
+    """One generation. Its events are ("text", delta) ..., then ("done", finish_reason, n_tokens) or
+    ("error", message); they go to ``listener`` if one is given (the server's event loop), else to ``events``."""
+
     adapter: str | None  # None = the base model
     prompt_ids: list[int]
     params: GenParams
     id: int = 0
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str) ... then ("done", reason, n) or ("error", msg)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    listener: object = None  # callable(event), called from the engine thread
+    cancelled: bool = False  # set when the client went away: the row stops at the next step
+
+    def put(self, event: tuple) -> None:
+        (self.listener or self.events.put)(event)
 
 
 class Engine:
@@ -75,17 +86,26 @@ class Engine:
         return bos + self.tok.encode(prompt, add_special_tokens=False)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> prompt ids (the reference template; content as a string or a list of text parts)."""
         from ..data.conversations import encode_reference
 
-        if not messages or messages[-1].get("role") != "user":
-            raise RequestError("the last message must have role 'user'")
+        clean = []
         for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise RequestError(f"messages[{i}] needs role system|user|assistant and a string content")
-        ids, _ = encode_reference(messages, self.tok)
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise RequestError(f"messages[{i}] must be an object with role system, user or assistant")
+            c = m.get("content")
+            if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                           and isinstance(p.get("text"), str) for p in c):
+                c = "".join(p["text"] for p in c)
+            if not isinstance(c, str):
+                raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+            clean.append({"role": m["role"], "content": c})
+        if not clean or clean[-1]["role"] != "user":
+            raise RequestError("the last message must have role 'user'")
+        ids, _ = encode_reference(clean, self.tok)
         return ids
 
-    def submit(self, adapter: str | None, prompt_ids: list[int], params: GenParams) -> Request:
+    def submit(self, adapter: str | None, prompt_ids: list[int], params: GenParams, listener=None) -> Request:
         params.check()
         if adapter is not None:
             if self.weaver is None:
@@ -94,7 +114,7 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
         params.max_tokens = min(params.max_tokens, self.max_context - len(prompt_ids))
-        req = Request(adapter, prompt_ids, params, id=next(self._ids))
+        req = Request(adapter, prompt_ids, params, id=next(self._ids), listener=listener)
         self.pending.put(req)
         return req
 
@@ -136,7 +156,7 @@ class Engine:
                     self._run(batch)
                 except Exception as e:  # noqa: BLE001 - every waiting request hears about it
                     for r in batch:
-                        r.events.put(("error", f"generation failed: {e}"))
+                        r.put(("error", f"generation failed: {e}"))
 
     @torch.no_grad()
     def _run(self, batch: list[Request]) -> None:
@@ -144,7 +164,7 @@ class Engine:
             loaded = set(self.weaver.names())
             for r in batch:
                 if r.adapter is not None and r.adapter not in loaded:
-                    r.events.put(("error", f"model {r.adapter!r} was unloaded before the request ran"))
+                    r.put(("error", f"model {r.adapter!r} was unloaded before the request ran"))
             batch = [r for r in batch if r.adapter is None or r.adapter in loaded]
             if not batch:
                 return
@@ -175,7 +195,10 @@ class Engine:
                                 for i, r in enumerate(batch)], dtype=torch.long)
             for i, s in enumerate(streams):
                 if not s.done:
-                    s.push(int(nxt[i]), eos)
+                    if batch[i].cancelled:
+                        s.finish("cancelled")
+                    else:
+                        s.push(int(nxt[i]), eos)
             if all(s.done for s in streams):
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], 1)
@@ -190,7 +213,7 @@ class Engine:
 
 def _pick(logits: torch.Tensor, p: GenParams, gen: torch.Generator) -> int:
     """Greedy, or temperature + nucleus (top-p) sampling with the request's own generator. logits: [V]."""
-    if p.temperature == 0:
+    if p.temperature < 1e-5:  # 0 = greedy; tinier temperatures would overflow the softmax
         return int(logits.argmax())
     probs = torch.softmax(logits.cpu() / p.temperature, -1)
     if p.top_p < 1:
@@ -230,7 +253,7 @@ class _Stream:
 
     def _emit(self, text: str) -> None:
         if len(text) > self.sent:
-            self.req.events.put(("text", text[self.sent:]))
+            self.req.put(("text", text[self.sent:]))
             self.sent = len(text)
 
     def finish(self, reason: str) -> None:
@@ -239,4 +262,4 @@ class _Stream:
         if not self.cut:
             self._emit(self.tok.decode(self.tokens, skip_special_tokens=True))
         self.done = True
-        self.req.events.put(("done", reason, len(self.tokens)))
+        self.req.put(("done", reason, len(self.tokens)))

@@ -118,15 +118,14 @@ def build_app(engine: Engine, cfg: ServeConfig):
     def params_of(body: dict) -> GenParams:
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
         try:
-            p = GenParams(max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),
+            p = GenParams(max_tokens=int(limit) if limit is not None else 64,
                           temperature=float(body["temperature"]) if body.get("temperature") is not None else 1.0,
                           top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
                           stop=[str(s) for s in stop], seed=body.get("seed"))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise RequestError(f"bad parameter value ({e})") from None
-        if p.seed is not None and not isinstance(p.seed, int):
-            raise RequestError("seed must be an integer")
         p.check()
         return p
 
@@ -153,7 +152,10 @@ def build_app(engine: Engine, cfg: ServeConfig):
                 if not isinstance(prompt, str):
                     raise RequestError("'prompt' must be one string")
                 ids = engine.encode_completion(prompt)
-            req = engine.submit(adapter, ids, params)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            # the engine thread hands each event to this request's own queue on the event loop
+            req = engine.submit(adapter, ids, params, listener=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except RequestError as e:
             return error(400, str(e))
         except KeyError as e:  # adapter unloaded between lookup and submit
@@ -161,10 +163,9 @@ def build_app(engine: Engine, cfg: ServeConfig):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        loop = asyncio.get_running_loop()
 
         async def next_event():
-            return await loop.run_in_executor(None, req.events.get)
+            return await events.get()
 
         def choice(text: str | None, finish: str | None, stream: bool):
             if chat:
@@ -175,29 +176,37 @@ def build_app(engine: Engine, cfg: ServeConfig):
 
         if body.get("stream"):
             async def sse():
-                if chat:
-                    first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(first)}\n\n"
-                while True:
-                    ev = await next_event()
-                    if ev[0] == "error":
-                        yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
-                        break
-                    done = ev[0] == "done"
-                    chunk = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created, "model": model,
-                             "choices": [choice(None if done and chat else ("" if done else ev[1]),
-                                                ev[1] if done else None, True)]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    if done:
-                        break
-                yield "data: [DONE]\n\n"
+                try:
+                    if chat:
+                        first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]}
+                        yield f"data: {json.dumps(first)}\n\n"
+                    while True:
+                        ev = await next_event()
+                        if ev[0] == "error":
+                            yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                            break
+                        done = ev[0] == "done"
+                        chunk = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
+                                 "model": model, "choices": [choice(None if done and chat else ("" if done else ev[1]),
+                                                                    ev[1] if done else None, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        if done:
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # the stream ended or the client went away: stop generating for it
+                    req.cancelled = True
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         parts = []
         while True:
-            ev = await next_event()
+            try:
+                ev = await next_event()
+            except asyncio.CancelledError:
+                req.cancelled = True
+                raise
             if ev[0] == "text":
                 parts.append(ev[1])
             elif ev[0] == "error":
@@ -237,9 +246,12 @@ def build_app(engine: Engine, cfg: ServeConfig):
     async def unload_adapter(name: str, request: Request):
         if not authorized(request, cfg.admin_token):
             return error(401, "the admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
-        try:
-            with engine.lock:
+        def unload():
+            with engine.lock:  # waits for the running batch, off the event loop
                 weaver.unload(name)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, unload)
         except KeyError as e:
             return error(404, str(e.args[0]), code="model_not_found")
         return {"unloaded": name, "models": names()}
@@ -265,6 +277,9 @@ def start_engine(cfg: ServeConfig) -> Engine:
     model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device)
     weaver = Weaver(model.eval())
     for name, path in (cfg.adapters or {}).items():
+        if name == cfg.base_name:
+            log.error("adapter %s refused: that is the base model's name", name)
+            continue
         try:
             weaver.load(name, resolve_under(cfg.adapter_root, path))
             log.info("loaded adapter %s from %s", name, path)

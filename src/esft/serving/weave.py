@@ -44,24 +44,33 @@ class WovenExperts(nn.Module):
         return self.E
 
     @torch.no_grad()
-    def set_bank(self, experts: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> None:
-        """Install the adapters' experts ([(gate_up [2I,H], down [H,I]), ...]) and the [A, E] index table."""
+    def build(self, experts: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> tuple:
+        """The new woven tensors for the adapters' experts ([(gate_up [2I,H], down [H,I]), ...]) and the
+        [A, E] index table, allocated but not installed (so a failure, e.g. out of memory, changes nothing)."""
         dev = self.base.gate_up_proj.device
-        self.table = table.to(dev)
-        current = {n: getattr(self.base, n).detach() for n in EXPERT_PARAMS}
         if not experts:
+            return table.to(dev), None
+        full = {}
+        for i, n in enumerate(EXPERT_PARAMS):
+            current = getattr(self.base, n).detach()
+            full[n] = torch.cat([current, torch.stack([e[i] for e in experts]).to(dev, current.dtype)])  # [E+M, ...]
+        return table.to(dev), full
+
+    @torch.no_grad()
+    def install(self, built: tuple) -> None:
+        table, full = built
+        self.table = table
+        if full is None:
             if self.all is not self.base:  # give the base its own storage back, free the woven one
                 for n in EXPERT_PARAMS:
-                    setattr(self.base, n, nn.Parameter(current[n].clone(), requires_grad=False))
+                    setattr(self.base, n, nn.Parameter(getattr(self.base, n).detach().clone(), requires_grad=False))
                 self.all = self.base
             return
         woven = _subset_copy(self.base, [0])  # same class and settings; its weights are replaced below
-        for i, n in enumerate(EXPERT_PARAMS):
-            extra = torch.stack([e[i] for e in experts]).to(dev, current[n].dtype)
-            full = torch.cat([current[n], extra])  # [E + M, ...]
-            setattr(woven, n, nn.Parameter(full, requires_grad=False))
-            setattr(self.base, n, nn.Parameter(full[: self.E], requires_grad=False))  # a view: base held once
-        woven.num_experts = self.E + len(experts)
+        for n, w in full.items():
+            setattr(woven, n, nn.Parameter(w, requires_grad=False))
+            setattr(self.base, n, nn.Parameter(w[: self.E], requires_grad=False))  # a view: the base held once
+        woven.num_experts = full["gate_up_proj"].shape[0]
         self.all = woven
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -120,13 +129,22 @@ class Weaver:
             experts[(l, e)] = (torch.cat([parts["gate"], parts["up"]], 0), parts["down"])
         self.adapters[name] = experts
         self.meta[name] = a
-        self._rebuild()
+        try:
+            self._rebuild()
+        except BaseException:
+            del self.adapters[name], self.meta[name]  # nothing was installed: back to the previous set
+            raise
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        before = (dict(self.adapters), dict(self.meta))  # the order of names is the order of table rows
         del self.adapters[name], self.meta[name]
-        self._rebuild()
+        try:
+            self._rebuild()
+        except BaseException:
+            self.adapters, self.meta = before  # nothing was installed: the old tables still match
+            raise
 
     def row(self, name: str | None) -> int:
         if name is None:
@@ -149,7 +167,9 @@ class Weaver:
         return sum(t.numel() * t.element_size() for ex in self.adapters.values() for pair in ex.values() for t in pair)
 
     def _rebuild(self) -> None:
+        """Rebuild every layer's woven tensors and table; all are built before any is installed."""
         names = list(self.adapters)
+        built = {}
         for li, l in self.layers.items():
             E = l.experts.E
             table = torch.arange(E).repeat(1 + len(names), 1)  # [A, E]: every row starts as the base
@@ -159,7 +179,9 @@ class Weaver:
                     if layer == li:
                         table[a, e] = E + len(stacked)
                         stacked.append(pair)
-            l.experts.set_bank(stacked, table)
+            built[li] = l.experts.build(stacked, table)
+        for li, l in self.layers.items():
+            l.experts.install(built[li])
 
 
 def storage_bytes(model: nn.Module) -> int:
