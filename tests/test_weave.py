@@ -75,6 +75,12 @@ def test_memory_is_base_plus_changed_experts_and_unload_restores(tiny_dir, adapt
     n_experts = sum(map(len, SEL_A.values())) + sum(map(len, SEL_B.values()))
     # the base experts are views into the woven tensors: held once
     assert storage_bytes(model) == base_bytes + n_experts * per_expert == base_bytes + w.adapter_bytes()
+    # and the weaver keeps no second copy of the adapters: its tensors are views of the woven rows
+    for experts in w.adapters.values():
+        for (layer, _), (gu, down) in experts.items():
+            woven = w.layers[layer].experts.all
+            assert gu.untyped_storage().data_ptr() == woven.gate_up_proj.untyped_storage().data_ptr()
+            assert down.untyped_storage().data_ptr() == woven.down_proj.untyped_storage().data_ptr()
     ids = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(1))
     w.unload("A")
     assert storage_bytes(model) == base_bytes + sum(map(len, SEL_B.values())) * per_expert

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from .plan import variant_by_name
+
 MiB = 2**20
 
 
@@ -43,13 +45,11 @@ class Results:
         self.lr = lr  # family -> chosen LR; main and ablation tables use only runs at these LRs
 
     def runs(self, variant: str, task: str | None = None, lr: float | None = None) -> list[dict]:
-        from .plan import variant_by_name
-
         out = []
         for r in self.all:
             if r["variant"] != variant or (task is not None and r["task"] != task):
                 continue
-            want = lr if lr is not None else self.lr[_family(r["variant"], variant_by_name)]
+            want = lr if lr is not None else self.lr[_family(r["variant"])]
             if not math.isclose(r["lr"], want, rel_tol=1e-9):
                 continue
             out.append(r)
@@ -67,7 +67,7 @@ class Results:
         return [statistics.fmean(v) for v in by_seed.values() if len(v) == len(tasks)]
 
 
-def _family(name: str, variant_by_name) -> str:
+def _family(name: str) -> str:
     try:
         return variant_by_name(name).lr_of
     except KeyError:

@@ -123,19 +123,6 @@ class Engine:
         self.pending.put(None)  # wake the worker
         self.thread.join(timeout=10)
 
-    def generate(self, adapter: str | None, prompt_ids: list[int], params: GenParams) -> tuple[str, str, int]:
-        """Blocking helper: (text, finish_reason, completion tokens)."""
-        req = self.submit(adapter, prompt_ids, params)
-        text = []
-        while True:
-            ev = req.events.get()
-            if ev[0] == "text":
-                text.append(ev[1])
-            elif ev[0] == "done":
-                return "".join(text), ev[1], ev[2]
-            else:
-                raise RuntimeError(ev[1])
-
     # ------------------------------------------------------------------- worker
     def _loop(self) -> None:
         while not self._stop.is_set():

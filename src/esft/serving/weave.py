@@ -99,8 +99,8 @@ class Weaver:
         self.model = model
         self.family = get_family(model)
         self.layers = {l.index: l for l in moe_layers(model)}
+        # name -> (layer, expert) -> (gate_up [2I,H], down [H,I]): views of the woven rows once installed
         self.adapters: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.meta: dict[str, Adapter] = {}
         self.fingerprint = model_fingerprint(model)  # of the plain base, before any weaving
         for l in self.layers.values():
             if not isinstance(l.experts, WovenExperts):
@@ -128,22 +128,21 @@ class Weaver:
             _check_expert_shapes(a, l, e, parts, w.gate_up_proj, w.down_proj)
             experts[(l, e)] = (torch.cat([parts["gate"], parts["up"]], 0), parts["down"])
         self.adapters[name] = experts
-        self.meta[name] = a
         try:
             self._rebuild()
         except BaseException:
-            del self.adapters[name], self.meta[name]  # nothing was installed: back to the previous set
+            del self.adapters[name]  # nothing was installed: back to the previous set
             raise
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})")
-        before = (dict(self.adapters), dict(self.meta))  # the order of names is the order of table rows
-        del self.adapters[name], self.meta[name]
+        before = dict(self.adapters)  # the order of names is the order of table rows
+        del self.adapters[name]
         try:
             self._rebuild()
         except BaseException:
-            self.adapters, self.meta = before  # nothing was installed: the old tables still match
+            self.adapters = before  # nothing was installed: the old tables still match
             raise
 
     def row(self, name: str | None) -> int:
@@ -169,7 +168,7 @@ class Weaver:
     def _rebuild(self) -> None:
         """Rebuild every layer's woven tensors and table; all are built before any is installed."""
         names = list(self.adapters)
-        built = {}
+        built, slots = {}, {}
         for li, l in self.layers.items():
             E = l.experts.E
             table = torch.arange(E).repeat(1 + len(names), 1)  # [A, E]: every row starts as the base
@@ -178,10 +177,15 @@ class Weaver:
                 for (layer, e), pair in sorted(self.adapters[name].items()):
                     if layer == li:
                         table[a, e] = E + len(stacked)
+                        slots[(name, layer, e)] = E + len(stacked)
                         stacked.append(pair)
             built[li] = l.experts.build(stacked, table)
         for li, l in self.layers.items():
             l.experts.install(built[li])
+        # Keep each adapter's experts only as views of the woven rows: no second copy in memory.
+        for (name, layer, e), row in slots.items():
+            woven = self.layers[layer].experts.all
+            self.adapters[name][(layer, e)] = (woven.gate_up_proj[row], woven.down_proj[row])
 
 
 def storage_bytes(model: nn.Module) -> int:
