@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,22 +34,87 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", with_tokenizer: bool = True):
-    """(model, tokenizer) from a local checkpoint directory; checks it is a supported MoE family."""
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The floating dtype most tensors of a checkpoint directory are stored in, read from the safetensors
+    headers only (no weights are read); None when there are no safetensors files."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                dt = _FLOAT_DTYPES.get(st.get_slice(k).get_dtype())
+                if dt is not None:
+                    counts[dt] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def parse_device_map(spec) -> str | dict | None:
+    """A device map from the command line: None, "auto"/"balanced"/"cpu"/"cuda:0"/..., a dict, or a JSON file.
+
+    A JSON file holds {module name: device}, e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ...,
+    "model.layers.20": 1, "lm_head": 1} or "disk" for layers to offload (their weights stay on disk and
+    are read at each forward; such layers can be profiled and run through, but not trained).
+    """
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, dict):
+        return spec
+    spec = str(spec)
+    if spec.endswith(".json"):
+        f = Path(spec)
+        if not f.is_file():
+            raise CheckpointError(f"device map file {f} not found")
+        try:
+            dm = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f}: malformed device map JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(dm, dict) or not dm:
+            raise CheckpointError(f"{f}: a device map must be a non-empty JSON object {{module: device}}")
+        return dm
+    return spec
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go: the device that runs the input embeddings (also when it is offloaded)."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return emb.weight.device
+
+
+def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", with_tokenizer: bool = True,
+               device_map=None, offload_folder: str | None = None):
+    """(model, tokenizer) from a local checkpoint directory; checks it is a supported MoE family.
+
+    Weights are loaded straight onto their device(s): ``device_map`` (see :func:`parse_device_map`)
+    spreads the model over several devices, otherwise everything goes to ``device``; transformers
+    then places each tensor as it reads the shards, so no full copy of the model is held in host RAM
+    first. ``dtype="auto"`` is bf16 when a CUDA device with bf16 is used, fp32 otherwise.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    dm = parse_device_map(device_map)
+    torch_dtype = resolve_dtype(dtype, device if dm is None else resolve_device("auto"))
+    kwargs = {"device_map": dm if dm is not None else device}
+    if isinstance(dm, dict) and "disk" in dm.values():
+        kwargs["offload_folder"] = offload_folder or _offload_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: could not load the model: {e}") from e
     get_family(model)
     moe_layers(model)
-    model.to(device)
     tokenizer = None
     if with_tokenizer:
         try:
@@ -58,3 +124,14 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _offload_dir() -> str:
+    """A private folder for weights a device map sends to "disk", removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="esft-offload-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d

@@ -35,8 +35,13 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "resumable checkpoints kept on disk (oldest removed)")
     log_every: int = _f(10, "steps between log lines / TensorBoard points")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    dtype: str = _f("auto", "auto (bf16 on a GPU with bf16, else fp32), float32 or bfloat16")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = _f("auto", "model dtype: auto (bf16 on a GPU with bf16, else fp32), float32, bfloat16 or float16; "
+                    "trainable tensors keep fp32 master weights and fp32 AdamW state in any case")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:1, ... (where the whole model goes when device_map is unset)")
+    device_map: str | None = _f(None, "spread the model over devices: auto, balanced, or a JSON file {module: device}; "
+                                "layers mapped to disk can be run through but not trained")
+    adapter_dtype: str = _f("base", "dtype of the saved adapter: base (the base checkpoint's, e.g. bf16) or float32 "
+                            "(the fp32 master weights as trained)")
     seed: int = _f(5934875, "seed for data order and validation split")
     overwrite: bool = _f(False, "replace an existing output_dir")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir")
@@ -62,5 +67,7 @@ class TrainConfig:
             raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
         if not 0 <= self.valid_fraction < 1:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.adapter_dtype not in ("base", "float32"):
+            raise ValueError(f"adapter_dtype must be base or float32, got {self.adapter_dtype!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other")

@@ -52,6 +52,10 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
     sub._modules = OrderedDict(experts._modules)
     sub._forward_hooks = OrderedDict()
     sub._forward_pre_hooks = OrderedDict()
+    # accelerate's dispatch (device_map) rebinds `forward` on the instance to run *the original*
+    # module through its device hook; the copy must run its own class forward on its own weights.
+    for attr in ("forward", "_hf_hook", "_old_forward"):
+        sub.__dict__.pop(attr, None)
     idx = torch.tensor(ids, dtype=torch.long, device=experts.gate_up_proj.device)
     for n in EXPERT_PARAMS:
         setattr(sub, n, nn.Parameter(getattr(experts, n).detach().index_select(0, idx).clone()))
@@ -134,11 +138,20 @@ class TrainablePlan:
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
-    def adapter_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """Trained tensors under the base checkpoint's own key names (per-expert keys for routed experts)."""
+    def adapter_state_dict(self, source: dict[str, torch.Tensor] | None = None) -> "OrderedDict[str, torch.Tensor]":
+        """Trained tensors under the base checkpoint's own key names (per-expert keys for routed experts).
+
+        ``source`` ({param name: tensor of the same shape}, e.g. the fp32 masters of a bf16 run) is read
+        instead of the model's own parameters when given.
+        """
+        name_of = {id(p): n for n, p in self.params.items()}
+
+        def read(p: torch.Tensor) -> torch.Tensor:
+            return (source[name_of[id(p)]] if source is not None else p).detach()
+
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for layer, w in sorted(self.wrappers.items()):
-            gu, down = w.trained.gate_up_proj.detach(), w.trained.down_proj.detach()
+            gu, down = read(w.trained.gate_up_proj), read(w.trained.down_proj)
             inter = gu.shape[1] // 2
             for s, e in enumerate(w.selected):
                 out[self.family.expert_key(layer, e, "gate")] = gu[s, :inter].contiguous()
@@ -147,7 +160,7 @@ class TrainablePlan:
         for name, p in self.params.items():
             if ".trained." in name:
                 continue
-            out[self.family.checkpoint_name(name)] = p.detach().contiguous()
+            out[self.family.checkpoint_name(name)] = read(p).contiguous()
         return out
 
 
@@ -185,6 +198,12 @@ def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
                     p.requires_grad_(True)
     for l in layers:
         selected = expert_cfg["experts"].get(l.index, [])
+        if selected and base_experts(l.experts).gate_up_proj.device.type == "meta":
+            raise DataError(
+                f"layer {l.index}: experts {selected} are selected for training, but the device map left this "
+                f"layer's experts on the meta device (offloaded to disk or CPU by accelerate); trained experts "
+                f"must be in memory: map {l.prefix.rsplit('.', 1)[0]} to a device (e.g. \"cuda:0\" or \"cpu\")"
+            )
         if selected and not isinstance(l.experts, ESFTExperts):
             setattr(l.block, family.experts_attr, ESFTExperts(l.experts, selected))
     plan = TrainablePlan(family=family, expert_cfg=expert_cfg)

@@ -15,6 +15,7 @@ Output directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,10 +34,11 @@ from ..config import to_yaml
 from ..data.conversations import load_examples
 from ..data.packing import Packed, pack
 from ..io import DataError, atomic_dir, write_json_atomic
-from ..models.loading import load_model
+from ..models.loading import checkpoint_dtype, input_device, load_model
 from ..selection.select import read_expert_config
 from .config import TrainConfig
 from .experts import TrainablePlan, apply_esft
+from .precision import MasterWeights
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class TrainResult:
     optimizer_state_bytes: int
     seconds: float
     adapter_dir: str | None
+    master_weight_bytes: int = 0  # fp32 masters kept beside low-precision trainable tensors
     best_dir: str | None = None  # what to evaluate: best-by-validation adapter (esft, lora) or checkpoint (full)
 
 
@@ -135,27 +138,91 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], opt, state: dict, keep: int) -> None:
+def save_checkpoint(out: Path, step: int, masters: MasterWeights, opt, state: dict, keep: int) -> None:
+    """Atomically write the resumable state: the fp32 masters (not their bf16 roundings), AdamW, counters."""
     with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
-        torch.save({n: p.detach().cpu() for n, p in params.items()}, tmp / "trainable.pt")
+        torch.save(masters.state_dict(), tmp / "trainable.pt")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         write_json_atomic(tmp / "state.json", {**state, "step": step})
     for old in _checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, params: dict[str, nn.Parameter], opt) -> dict:
+def read_checkpoint_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def load_checkpoint(ckpt: Path, masters: MasterWeights, opt) -> dict:
     tensors = torch.load(ckpt / "trainable.pt", map_location="cpu")
-    missing = set(params) - set(tensors)
-    extra = set(tensors) - set(params)
+    missing = set(masters.masters) - set(tensors)
+    extra = set(tensors) - set(masters.masters)
     if missing or extra:
         raise DataError(f"{ckpt}: checkpoint does not match this run's trainable tensors "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
+    for n, m in masters.masters.items():
+        if tensors[n].shape != m.shape:
+            raise DataError(f"{ckpt}: {n} has shape {tuple(tensors[n].shape)}, this run's is {tuple(m.shape)}")
+    masters.load_state_dict(tensors)
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    return json.loads((ckpt / "state.json").read_text())
+    return read_checkpoint_state(ckpt)
+
+
+# Settings that change the training trajectory: a resumed run must use the same ones. (steps may grow;
+# logging, eval/save cadence, device and output options may change.)
+TRAJECTORY_KEYS = ("method", "template", "seq_len", "overlong", "batch_size", "grad_accum", "lr", "weight_decay",
+                   "beta1", "beta2", "max_grad_norm", "warmup_steps", "seed", "valid_fraction", "lora_rank",
+                   "lora_alpha")
+
+
+def _sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_record(cfg: TrainConfig, expert_cfg: dict | None, tokenizer, dtype: torch.dtype, base_fp: dict) -> dict:
+    """Everything that decides a run's trajectory, as plain JSON (stored in every checkpoint)."""
+    rec = {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}
+    rec["dtype"] = str(dtype).removeprefix("torch.")
+    rec["train_data_sha256"] = _sha256(cfg.train_data)
+    rec["valid_data_sha256"] = _sha256(cfg.valid_data)
+    rec["chat_template_sha256"] = (hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+                                   if cfg.template == "chat" and getattr(tokenizer, "chat_template", None) else None)
+    rec["expert_config"] = None if expert_cfg is None else {
+        "experts": {str(l): sorted(es) for l, es in sorted(expert_cfg["experts"].items())},
+        "shared_experts": bool(expert_cfg.get("shared_experts")),
+        "non_expert_modules": bool(expert_cfg.get("non_expert_modules"))}
+    rec["base_model"] = base_fp
+    return rec
+
+
+def _short(v, width: int = 120) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def check_resume(ckpt: Path, saved: dict | None, now: dict, allow_other_base: bool) -> None:
+    """Refuse to resume a checkpoint with settings that differ from this run's, naming each difference."""
+    if saved is None:
+        log.warning("%s predates recorded run settings: resuming without checking that they match", ckpt)
+        return
+    diffs = []
+    for k in sorted(set(saved) | set(now)):
+        if k == "base_model" and allow_other_base:
+            continue
+        a, b = saved.get(k), now.get(k)
+        if k == "base_model" and a and b:
+            a, b = ({f: x.get(f) for f in ("config", "weights")} for x in (a, b))
+        if a != b:
+            diffs.append(f"  {k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}")
+    if diffs:
+        raise DataError(f"{ckpt}: cannot resume, this run's settings differ from the ones the checkpoint was "
+                        f"trained with:\n" + "\n".join(diffs) + "\nResume with the original settings (see "
+                        f"config.yaml in the output directory), or start a new output_dir / overwrite=true.")
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -188,6 +255,20 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
     return train, valid
 
 
+def adapter_dtype(cfg: TrainConfig, model: nn.Module) -> torch.dtype:
+    """The adapter's dtype on disk: the base checkpoint's own (default) or float32 (``adapter_dtype=float32``)."""
+    if cfg.adapter_dtype == "float32":
+        return torch.float32
+    found = checkpoint_dtype(cfg.model) if Path(cfg.model).is_dir() else None
+    return found or next(model.parameters()).dtype
+
+
+def template_meta(cfg: TrainConfig, tokenizer) -> dict:
+    """How prompts were rendered in training; eval and serve render them the same way."""
+    chat = getattr(tokenizer, "chat_template", None) if cfg.template == "chat" else None
+    return {"name": cfg.template, "chat_template": chat}
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -> TrainResult:
     """Run the recipe. ``model``/``tokenizer`` may be passed in (tests, benchmarks) instead of loaded."""
     from tqdm.auto import tqdm
@@ -196,11 +277,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    device = str(next(model.parameters()).device)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    device = input_device(model)
     base_fp = model_fingerprint(model)
+    model_dtype = next(model.parameters()).dtype
+    save_dtype = adapter_dtype(cfg, model)
 
     plan: TrainablePlan | None = None
+    expert_cfg = None
     if cfg.method == "esft":
         expert_cfg = read_expert_config(cfg.expert_config)
         plan = apply_esft(model, expert_cfg)  # validates layers/experts before anything trains
@@ -212,24 +296,24 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         params = full_plan(model)
     train_data, valid_data = load_data(cfg, tokenizer)
     log.info("train data: %s", train_data.stats.describe())
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    record = run_record(cfg, expert_cfg, tokenizer, model_dtype, base_fp)
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    opt = make_optimizer(list(params.values()), cfg)
+    masters = MasterWeights(params)  # fp32 twins of bf16/fp16 trainable tensors; fp32 ones are their own
+    opt = make_optimizer(masters.parameters(), cfg)
 
     def lr_at(step: int) -> float:  # linear warmup, then constant (the paper's schedule)
         return cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
 
     start, best = 0, math.inf
-    state = {"best_valid_loss": None, "base_model": base_fp}
+    state = {"best_valid_loss": None, "base_model": base_fp, "run": record}
     ckpts = _checkpoints(out) if cfg.resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], params, opt)
-        if state.get("base_model") != base_fp and not cfg.allow_other_base:
-            raise DataError(f"{ckpts[-1]}: checkpoint was made from another base model "
-                            f"({state.get('base_model')} vs {base_fp})")
+        # Checked before anything is loaded or written: a mismatch leaves the run directory as it was.
+        check_resume(ckpts[-1], read_checkpoint_state(ckpts[-1]).get("run"), record, cfg.allow_other_base)
+        state = {**load_checkpoint(ckpts[-1], masters, opt), "run": record}
         start = state["step"]
         best = state["best_valid_loss"] if state.get("best_valid_loss") is not None else math.inf
         # An eval after the last checkpoint may have written a better adapter/ before the crash.
@@ -237,17 +321,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if saved.exists():
             best = min(best, json.loads(saved.read_text()).get("valid_loss") or math.inf)
         log.info("resumed from %s at step %d", ckpts[-1], start)
+        # The first run's config.yaml stays; this run's settings go beside it.
+        (out / f"config.resumed-at-step-{start}.yaml").write_text(to_yaml(cfg))
+    if not (out / "config.yaml").exists():
+        (out / "config.yaml").write_text(to_yaml(cfg))
 
     writer = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"), purge_step=start or None)
     log_file = open(out / "train_log.jsonl", "a")
-    meta = {"method": cfg.method, "train_config": asdict(cfg)}
+    meta = {"method": cfg.method, "train_config": asdict(cfg), "template": template_meta(cfg, tokenizer),
+            "trained_dtype": str(model_dtype).removeprefix("torch.")}
+
+    def write_adapter(where: Path, step: int, **extra):
+        save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=masters.masters)
 
     def save_best(step: int):
         if plan is not None:
-            save_adapter(plan, out / "adapter", base_fp, {**meta, "step": step, "valid_loss": best})
+            write_adapter(out / "adapter", step, valid_loss=best)
         elif cfg.method == "lora":
             with atomic_dir(out / "adapter") as tmp:
                 model.save_pretrained(str(tmp))
@@ -277,11 +369,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                              labels=train_data.labels[rows].to(device), use_cache=False,
                              num_items_in_batch=torch.tensor(max(n_items, 1), device=device))
                 out_.loss.backward()
+                masters.accumulate()  # low-precision grads -> fp32 master grads, summed over micro-batches
                 step_loss += float(out_.loss.detach())
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            masters.sync()
             last_loss = step_loss
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
             done = step + 1
@@ -303,7 +397,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                     save_best(done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 state["best_valid_loss"] = None if best == math.inf else best
-                save_checkpoint(out, done, params, opt, state, cfg.keep_checkpoints)
+                save_checkpoint(out, done, masters, opt, state, cfg.keep_checkpoints)
     finally:
         bar.close()
         log_file.close()
@@ -312,9 +406,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
 
     adapter_dir = None
     if plan is not None:
-        save_adapter(plan, out / "last", base_fp, {**meta, "step": cfg.steps})
+        write_adapter(out / "last", cfg.steps)
         if valid_data is None:
-            save_adapter(plan, out / "adapter", base_fp, {**meta, "step": cfg.steps})
+            write_adapter(out / "adapter", cfg.steps)
         adapter_dir = str(out / "adapter")
     else:  # full: a whole checkpoint; lora: the PEFT adapter directory
         with atomic_dir(out / "last") as tmp:
@@ -330,6 +424,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         best_valid_loss=None if best == math.inf else best,
         trainable_params=sum(p.numel() for p in params.values()),
         optimizer_state_bytes=optimizer_state_bytes(opt), seconds=time.perf_counter() - t0,
-        adapter_dir=adapter_dir,
+        adapter_dir=adapter_dir, master_weight_bytes=masters.master_bytes(),
         best_dir=adapter_dir if cfg.method != "full" else str(out / ("best" if (out / "best").exists() else "last")),
     )
