@@ -108,6 +108,7 @@ class RouterObserver:
             if N != B * T:
                 raise RuntimeError(f"layer {layer_idx}: router saw {N} tokens, batch mask has {B}x{T}")
             g = gate_values(self.family, logits, topk_idx)  # [N, K]
+            mask = mask.to(g.device)  # a device map may place this layer on another device than the inputs
             valid = mask.reshape(N).to(g.dtype)  # [N]
             n_tok = mask.sum(dim=1).clamp(min=1).to(g.dtype)  # [B]
             w_tok = (valid / n_tok.repeat_interleave(T)).unsqueeze(1)  # [N, 1]: 1/len(seq) on real tokens

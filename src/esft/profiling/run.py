@@ -11,7 +11,7 @@ import torch
 from ..data.conversations import load_examples
 from ..data.packing import pack
 from ..io import DataError, write_json_atomic
-from ..models.loading import load_model
+from ..models.loading import input_device, load_model
 from .profiler import RoutingProfile, profile_routing
 
 
@@ -26,6 +26,7 @@ class ProfileConfig:
     template: str = field(default="reference", metadata={"help": "reference or chat prompt template"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    device_map: str | None = field(default=None, metadata={"help": "auto, balanced or a JSON {module: device} file"})
 
     def __post_init__(self):
         for name in ("max_tokens", "seq_len", "batch_size"):
@@ -64,8 +65,8 @@ def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool =
     from tqdm.auto import tqdm
 
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    device = next(model.parameters()).device
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    device = input_device(model)
     batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     t0 = time.perf_counter()
