@@ -15,6 +15,33 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line) at fault."""
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), so a rename publishes whole files."""
+    dirs = [root]
+    for p in root.rglob("*"):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
+
+
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
@@ -26,6 +53,7 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -47,12 +75,14 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
+        fsync_tree(tmp)  # file contents reach the disk before the rename makes them visible
         old = None
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
             os.rmdir(old)
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
