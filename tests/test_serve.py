@@ -17,6 +17,7 @@ from esft.adapter.io import merge_adapter, save_adapter  # noqa: E402
 from esft.embedded import embedded_model_dir  # noqa: E402
 from esft.eval.generate import generate  # noqa: E402
 from esft.models.loading import load_model  # noqa: E402
+from esft.serving.engine import GenParams  # noqa: E402
 from esft.serving.server import BackgroundServer, ServeConfig, build_app, start_engine  # noqa: E402
 from esft.training.experts import apply_esft  # noqa: E402
 
@@ -24,7 +25,7 @@ SELS = {"A": {1: [0, 5, 9], 2: [3]}, "B": {2: [3, 17], 3: [30]}}
 QUESTIONS = ["What is 12 plus 7?", "Reverse the list [1, 2, 3].", "Translate: the red house"]
 
 
-def _make_adapter(out, sel, seed):
+def _make_adapter(out, sel, seed, meta=None):
     model, _ = load_model(embedded_model_dir(), dtype="float32", device="cpu")
     fp = model_fingerprint(model)
     plan = apply_esft(model, {"experts": sel})
@@ -32,7 +33,7 @@ def _make_adapter(out, sel, seed):
     with torch.no_grad():
         for p in plan.parameters():
             p.add_(torch.randn(p.shape, generator=g) * p.std() * 2)  # strong enough to change greedy answers
-    save_adapter(plan, out, fp)
+    save_adapter(plan, out, fp, meta)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,151 @@ def test_a_bad_start_up_adapter_is_skipped_and_the_rest_served(server, tmp_path,
         assert "broken" in refused
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------- templates travel with adapters
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_META = {"template": {"name": "chat", "chat_template": CHAT_TEMPLATE}}
+
+
+def test_chat_requests_use_each_adapters_recorded_template(server):
+    from esft.data.conversations import encode_reference
+    from esft.eval.generate import PromptFormat
+
+    url, client, root, engine = server["url"], server["client"], server["root"], server["engine"]
+    _make_adapter(root / "C", SELS["A"], 5, CHAT_META)
+    _make_adapter(root / "R", SELS["B"], 6, {"template": {"name": "reference", "chat_template": None}})
+    for name, path in (("chatty", "C"), ("refy", "R")):
+        assert _post(url + "/admin/adapters", {"name": name, "path": path}, token="adm1n")[0] == 200
+    try:
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[0]}]
+        tok = engine.tok
+        assert not tok.chat_template  # the shipped tokenizer has none: the base keeps the reference template
+        reference = encode_reference(msgs, tok)[0]
+        assert engine.encode_chat(msgs) == reference and engine.encode_chat(msgs, "refy") == reference
+        chat_ids = tok.apply_chat_template(msgs, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+        assert engine.encode_chat(msgs, "chatty") == list(chat_ids) != reference
+        # end to end: the chat adapter's answer is its merged model's answer to the chat-formatted prompt
+        model, tok = _alone(root / "C")
+        want = generate(model, tok, QUESTIONS[:2], max_new_tokens=12, fmt=PromptFormat("chat", CHAT_TEMPLATE))
+        got = [client.chat.completions.create(model="chatty", messages=[{"role": "user", "content": q}],
+                                              temperature=0, max_tokens=12).choices[0].message.content.strip()
+               for q in QUESTIONS[:2]]
+        assert got == want
+    finally:
+        for name in ("chatty", "refy"):
+            _post(url + f"/admin/adapters/{name}", b"", token="adm1n", method="DELETE")
+    assert "chatty" not in engine.formats
+
+
+def test_a_base_with_a_chat_template_uses_it():
+    import copy
+
+    from esft.serving.engine import Engine
+
+    model, tok = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    engine = Engine(model, tok)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        assert engine.base_format.name == "chat"
+        assert engine.encode_chat(msgs) == list(tok.apply_chat_template(msgs, add_generation_prompt=True,
+                                                                        tokenize=True, return_dict=False))
+    finally:
+        engine.close()
+
+
+def test_an_explicit_template_that_conflicts_with_an_adapter_is_refused(server, caplog):
+    from esft.serving.server import _load
+
+    root, engine = server["root"], server["engine"]
+    _make_adapter(root / "C2", SELS["A"], 5, CHAT_META)
+    with pytest.raises(ValueError, match=r"--template reference conflicts with adapter x .*C2\), which was trained "
+                                         "with template 'chat'"):
+        _load(engine, "x", root / "C2", template="reference")
+    assert "x" not in engine.weaver.names()
+    cfg = ServeConfig(adapters={"c": "C2", "a": "A"}, adapter_root=str(root), dtype="float32", device="cpu",
+                      template="reference")
+    with caplog.at_level("ERROR"):
+        other = start_engine(cfg)
+    try:
+        assert other.weaver.names() == ["a"] and other.formats["a"].name == "reference"
+        assert "conflicts with adapter c" in " ".join(r.getMessage() for r in caplog.records)
+    finally:
+        other.close()
+    with pytest.raises(ValueError, match="base model's tokenizer has no chat template"):
+        start_engine(ServeConfig(adapter_root=str(root), dtype="float32", device="cpu", template="chat"))
+
+
+# ---------------------------------------------------------------- every EOS id of the generation config
+
+def test_the_engine_stops_at_every_eos_id_of_the_generation_config(tiny_dir, tmp_path):
+    import shutil
+
+    from esft.data.conversations import prompt_text
+    from esft.serving.engine import Engine
+
+    model, tok = load_model(tiny_dir / "model")
+    ids = [tok.bos_token_id] + tok.encode(prompt_text("Reverse: red cat"), add_special_tokens=False)
+    free = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert free[2] not in free[:2] and tok.eos_token_id not in free[:3]
+    d = tmp_path / "two_eos"  # the tiny checkpoint, its generation config listing [eos, the 3rd greedy token]
+    shutil.copytree(tiny_dir / "model", d)
+    gc = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps({**gc, "eos_token_id": [tok.eos_token_id, free[2]]}))
+    model, tok = load_model(d)
+    engine = Engine(model, tok)
+    try:
+        req = engine.submit(None, ids, GenParams(max_tokens=6, temperature=0))
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(req.events.get(timeout=60))
+        assert events[-1] == ("done", "stop", 2)
+        assert "".join(e[1] for e in events if e[0] == "text") == tok.decode(free[:2], skip_special_tokens=True)
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------- device maps
+
+def test_serve_loads_the_base_through_a_device_map_and_refuses_disk_offload(tiny_dir, tmp_path):
+    from esft.serving.engine import Engine
+
+    model, tok = load_model(tiny_dir / "model")
+    fp = model_fingerprint(model)
+    plan = apply_esft(model, {"experts": {2: [0, 1]}})
+    with torch.no_grad():
+        for p in plan.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * p.std() * 2)
+    save_adapter(plan, tmp_path / "ad", fp)
+    modules = ["model.embed_tokens", "model.norm", "lm_head"] + [f"model.layers.{i}" for i in range(3)]
+    (tmp_path / "cpu.json").write_text(json.dumps({m: "cpu" for m in modules}))
+
+    def answers(engine: Engine):
+        out = []
+        for adapter in (None, "ad"):
+            req = engine.submit(adapter, engine.encode_chat([{"role": "user", "content": "Reverse: red cat"}]),
+                                GenParams(max_tokens=6, temperature=0))
+            events = []
+            while not events or events[-1][0] not in ("done", "error"):
+                events.append(req.events.get(timeout=60))
+            out.append(events)
+        return out
+
+    got = {}
+    for key, dmap in (("memory", None), ("mapped", str(tmp_path / "cpu.json"))):
+        engine = start_engine(ServeConfig(model=str(tiny_dir / "model"), adapters={"ad": "ad"},
+                                          adapter_root=str(tmp_path), device="cpu", device_map=dmap))
+        try:
+            assert engine.weaver.names() == ["ad"]
+            got[key] = answers(engine)
+        finally:
+            engine.close()
+    assert got["mapped"] == got["memory"] and got["memory"][0] != got["memory"][1]
+    (tmp_path / "disk.json").write_text(json.dumps({m: ("disk" if m == "model.layers.1" else "cpu") for m in modules}))
+    with pytest.raises(ValueError, match=r"the device map leaves \d+ tensors on disk \(e.g. model.layers.1."):
+        start_engine(ServeConfig(model=str(tiny_dir / "model"), device="cpu", device_map=str(tmp_path / "disk.json")))

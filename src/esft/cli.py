@@ -104,10 +104,16 @@ def cmd_eval(a) -> int:
     cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, metric=a.metric, n=a.n,
                      general=a.general, n_general=a.n_general, batch_size=a.batch_size,
                      max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed, judge_url=a.judge_url,
-                     judge_model=a.judge_model, judge_key_env=a.judge_key_env)
+                     judge_model=a.judge_model, judge_key_env=a.judge_key_env, template=a.template,
+                     overlong=a.overlong, device_map=a.device_map)
     s = run_eval(cfg)
+    o = s["overlong"]
+    over = (f"{o['count']} of {o['of']}" + (f", {o['action']}" if o["count"] else "")
+            + f" (context {o['context'] or 'unknown'}, max new tokens {o['max_new_tokens']})")
     rows = [["task", s["task"]], ["model", f"{cfg.model or 'shipped model'} ({s['model_kind']})"],
-            ["metric", s["metric"]], ["score", f"{s['score']:.2f}"], ["examples", s["n"]]]
+            ["template", s["template"]], ["metric", s["metric"]], ["score", f"{s['score']:.2f}"],
+            ["examples scored", s["n"]],
+            ["over-long prompts", over]]
     if cfg.judge_url:
         judged = "no grade parsed" if s["judge_score"] is None else f"{s['judge_score']:.2f}"
         rows.append(["judge score", f"{judged} ({s['judge_model']}; {s['judge_unparsed']} replies without a grade)"])
@@ -157,7 +163,7 @@ def cmd_serve(a) -> int:
     serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
                       host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
                       admin_token=os.environ.get(a.admin_token_env) or None, max_batch=a.max_batch,
-                      dtype=a.dtype, device=a.device))
+                      dtype=a.dtype, device=a.device, device_map=a.device_map, template=a.template))
     return 0
 
 
@@ -246,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "grades each answer 0-10 against the reference (off by default; the local metric is always kept)")
     sp.add_argument("--judge-model", default=None, help="judge model name on --judge-url")
     sp.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    sp.add_argument("--template", default="auto", choices=["auto", "reference", "chat"],
+                    help="prompt format: auto = the one --adapter was trained with (reference for a bare "
+                    "checkpoint); an explicit choice that contradicts the adapter is refused (default: auto)")
+    sp.add_argument("--overlong", default="refuse", choices=["refuse", "truncate", "skip"],
+                    help="prompts whose tokens + --max-new-tokens exceed the model's context: refuse (stop before "
+                    "generating, naming them), truncate (keep each one's last tokens) or skip (score the rest) "
+                    "(default: refuse)")
+    sp.add_argument("--device-map", default=None, help="spread the model over devices while loading: auto, cpu, "
+                    "cuda:0, or a JSON file {module: device} (default: all on one device)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="the whole ESFT story on the shipped small MoE model (CPU, minutes)",
@@ -295,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
     sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument("--template", default="auto", choices=["auto", "reference", "chat"],
+                    help="chat format: auto = each adapter's recorded one (the base: its tokenizer's chat template, "
+                    "else reference); reference/chat = that one, and adapters trained otherwise are refused")
+    sp.add_argument("--device-map", default=None, help="spread the base model over devices while loading: auto, cpu, "
+                    "cuda:0, or a JSON file {module: device} (default: all on --device)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")

@@ -1,30 +1,173 @@
-"""Batched greedy generation with the reference prompt template, and task scoring."""
+"""Batched greedy generation (reference or chat prompt format), over-long prompt handling, task scoring."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..data.conversations import prompt_text
+from ..data.conversations import ASSISTANT_PREFIX, USER_TEMPLATE, encode_reference, prompt_text
+from ..io import DataError
+from ..models.loading import input_device
+
+TEMPLATES = ("reference", "chat")
+OVERLONG = ("refuse", "truncate", "skip")
+_SENTINEL = "\u2063ESFT-USER-TEXT\u2063"  # stands for the user's text when splitting a rendered chat template
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen tokenizers have none
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How conversations become prompt ids: the reference template, or a chat template.
+
+    ``chat_template`` is the Jinja string recorded in an adapter (None = the tokenizer's own), so a
+    chat-trained adapter is prompted exactly as it was trained even if the tokenizer's template changed.
+    """
+
+    name: str = "reference"
+    chat_template: str | None = None
+
+    def __post_init__(self):
+        if self.name not in TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {self.name!r}")
+
+    def template_for(self, tokenizer) -> str:
+        t = self.chat_template or getattr(tokenizer, "chat_template", None)
+        if not t:
+            raise ValueError("template 'chat' needs a chat template, but none was recorded with the adapter and "
+                             "the tokenizer has none; use template 'reference'")
+        return t
+
+    def encode_chat(self, tokenizer, messages: list[dict]) -> list[int]:
+        """Prompt ids for a conversation ending with a user turn, ready for the assistant's answer.
+
+        The same rendering as training (data/conversations.py): the reference template, or the chat
+        template with its generation prompt (the prefix training located each assistant span after).
+        """
+        if self.name == "reference":
+            return encode_reference(messages, tokenizer)[0]
+        out = tokenizer.apply_chat_template(messages, chat_template=self.template_for(tokenizer), tokenize=True,
+                                            add_generation_prompt=True, return_dict=False)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def encode(self, tokenizer, user: str) -> list[int]:
+        return self.encode_chat(tokenizer, [{"role": "user", "content": str(user)}])
+
+    def parts(self, tokenizer, user: str) -> tuple[list[int], list[int], list[int]]:
+        """(head, user text, tail) ids, so that a prompt can lose the start of its user text but keep
+        BOS + "User: " (or the chat template's header) and "\\n\\nAssistant:" (or its generation prompt)."""
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        if self.name == "reference":
+            head, tail = USER_TEMPLATE.split("{}")[0], USER_TEMPLATE.split("{}")[1] + ASSISTANT_PREFIX
+            return _bos(tokenizer) + enc(head), enc(str(user).strip()), enc(tail)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             chat_template=self.template_for(tokenizer), add_generation_prompt=True)
+        head, found, tail = text.partition(_SENTINEL)
+        if not found or _SENTINEL in tail:
+            raise DataError("cannot left-truncate prompts: the chat template does not keep the user's text as is")
+        return enc(head), enc(str(user)), enc(tail)
+
+
+def recorded_format(meta: dict) -> PromptFormat:
+    """The format an ESFT adapter was trained with, from its esft_adapter.json (``{}`` = reference code)."""
+    rec = meta.get("template")
+    if isinstance(rec, dict):
+        return PromptFormat(rec.get("name") or "reference", rec.get("chat_template"))
+    # older adapters: only the training config's template name; the tokenizer's chat template was used
+    return PromptFormat((meta.get("train_config") or {}).get("template") or "reference")
+
+
+def choose_format(requested: str, recorded: PromptFormat | None, what: str = "the adapter") -> PromptFormat:
+    """``requested`` (auto, reference, chat) against what ``what`` was trained with (None = unknown)."""
+    if requested == "auto":
+        return recorded or PromptFormat()
+    if requested not in TEMPLATES:
+        raise ValueError(f"template must be auto, reference or chat, got {requested!r}")
+    if recorded is not None and recorded.name != requested:
+        raise ValueError(f"--template {requested} conflicts with {what}, which was trained with template "
+                         f"{recorded.name!r}; leave --template at auto (or pass --template {recorded.name})")
+    return recorded or PromptFormat(requested)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and all of the generation config's (chat models
+    list their end-of-turn token there too, e.g. [eos, eot])."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def context_of(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@dataclass
+class Prompts:
+    """Encoded prompts: ``ids[i]`` is None for a skipped one; ``overlong`` lists the over-long ones' indices."""
+
+    ids: list[list[int] | None]
+    overlong: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # untruncated prompt lengths of the over-long ones
+
+
+def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat | None = None, context: int | None = None,
+                   max_new_tokens: int = 0, overlong: str = "refuse", sources: list[str] | None = None) -> Prompts:
+    """Encode every prompt and deal with those whose tokens + max_new_tokens exceed ``context``.
+
+    Over-long prompts are found before anything is generated: "refuse" raises naming the first of them,
+    "truncate" keeps the last tokens of the user text (the end of a prompt matters most for its answer),
+    "skip" leaves them out (ids None).
+    """
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
+    fmt = fmt or PromptFormat()
+    out = Prompts([fmt.encode(tokenizer, p) for p in prompts])
+    if not context:
+        return out
+    budget = context - max_new_tokens
+    out.overlong = [i for i, ids in enumerate(out.ids) if len(ids) > budget]
+    out.lengths = [len(out.ids[i]) for i in out.overlong]
+    if not out.overlong:
+        return out
+    first = out.overlong[0]
+    where = sources[first] if sources else f"example {first}"
+    if overlong == "refuse":
+        raise DataError(f"{len(out.overlong)} of {len(prompts)} prompts do not fit the model's context: {where} has "
+                        f"{out.lengths[0]} prompt tokens + max_new_tokens {max_new_tokens} > context {context}"
+                        f"{' (the first of them)' if len(out.overlong) > 1 else ''}; choose --overlong truncate (keep "
+                        "each prompt's last tokens) or --overlong skip (score the rest), or lower --max-new-tokens")
+    for i in out.overlong:
+        if overlong == "skip":
+            out.ids[i] = None
+            continue
+        head, text, tail = fmt.parts(tokenizer, prompts[i])
+        keep = budget - len(head) - len(tail)
+        if keep < 1:
+            raise ValueError(f"context {context} - max_new_tokens {max_new_tokens} leaves no room for the user text "
+                             f"of {sources[i] if sources else f'example {i}'} next to its template")
+        out.ids[i] = head + text[-keep:] + tail
+    return out
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 32,
-             progress=None) -> list[str]:
-    """Greedy completions of ``prompts`` (user turns), formatted as the reference template.
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 64, batch_size: int = 32,
+                 progress=None) -> list[str]:
+    """Greedy completions of encoded prompts.
 
     Batches are left-padded so every row's last prompt token sits at the same position; the
-    answer is decoded up to the first EOS and stripped.
+    answer is decoded up to the first of any EOS id (tokenizer's or generation config's) and stripped.
     """
     model.eval()
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = input_device(model)  # a model spread over devices (device_map) takes its inputs where it embeds them
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen tokenizers have none
-        enc = [bos + tokenizer.encode(prompt_text(p), add_special_tokens=False) for p in chunk]
+    for i in range(0, len(prompt_ids), batch_size):
+        enc = prompt_ids[i:i + batch_size]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         att = torch.zeros((len(enc), width), dtype=torch.long)
@@ -34,12 +177,24 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
         for row in gen[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            stop = next((j for j, t in enumerate(row) if t in eos), len(row))
+            outs.append(tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
         if progress is not None:
-            progress(len(chunk))
+            progress(len(enc))
     return outs
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 32,
+             progress=None, fmt: PromptFormat | None = None, overlong: str = "refuse") -> list[str | None]:
+    """Greedy completions of ``prompts`` (user turns) in ``fmt`` (default: the reference template).
+
+    Prompts longer than the model's context (with room for ``max_new_tokens``) are refused, truncated
+    or skipped (None in the result), as ``overlong`` says; see :func:`encode_prompts`.
+    """
+    enc = encode_prompts(tokenizer, prompts, fmt, context_of(model), max_new_tokens, overlong)
+    kept = [ids for ids in enc.ids if ids is not None]
+    it = iter(generate_ids(model, tokenizer, kept, max_new_tokens, batch_size, progress))
+    return [None if ids is None else next(it) for ids in enc.ids]
 
 
 @dataclass

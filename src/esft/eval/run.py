@@ -8,6 +8,10 @@ Inputs: a suite task name (its held-out eval split) or a JSONL file in either la
 
 Outputs: ``predictions.jsonl`` (prompt, references, prediction, correct-or-score per example)
 and ``summary.json``; ``--general`` adds the held-out general-ability score.
+
+The prompt format is the adapter's (recorded in its esft_adapter.json at training time), the
+reference template for a bare checkpoint; prompts that do not fit the model's context with room
+for ``max_new_tokens`` are counted and refused, left-truncated or skipped (``overlong``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import DataError, read_jsonl, write_json_atomic
+from .generate import OVERLONG, TEMPLATES, PromptFormat
 
 
 @dataclass
@@ -36,18 +41,35 @@ class EvalConfig:
     judge_url: str | None = field(default=None, metadata={"help": "optional OpenAI-compatible endpoint of a judge model"})
     judge_model: str | None = field(default=None, metadata={"help": "judge model name on that endpoint"})
     judge_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the judge's key"})
+    template: str = field(default="auto", metadata={"help": "prompt format: auto (the adapter's recorded one; "
+                                                    "reference for a bare checkpoint), reference or chat"})
+    overlong: str = field(default="refuse", metadata={"help": "prompts longer than the context (minus max_new_tokens): "
+                                                      "refuse, truncate (keep their last tokens) or skip"})
+    device_map: str | dict | None = field(default=None, metadata={"help": "spread the model over devices: auto, cpu, "
+                                                                 "cuda:0, or a JSON file {module: device}"})
 
     def __post_init__(self):
         if bool(self.task) == bool(self.data):
             raise ValueError("give exactly one of task (a suite task) or data (a JSONL file)")
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("the judge needs both judge_url and judge_model")
+        if self.template not in ("auto", *TEMPLATES):
+            raise ValueError(f"template must be auto, reference or chat, got {self.template!r}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
 
 
 def read_eval_file(path: str, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    prompts, refs = [], []
+    prompts, refs, _ = read_eval_rows(path, limit)
+    return prompts, refs
+
+
+def read_eval_rows(path: str, limit: int | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """(prompts, references, "file:line" of each) of an eval file."""
+    prompts, refs, sources = [], [], []
     for row in read_jsonl(path):
         src = f"{path}:{row['_line']}"
+        sources.append(src)
         if "prompt" in row:
             answers = row.get("answers")
             if not isinstance(answers, list) or not answers:
@@ -66,16 +88,28 @@ def read_eval_file(path: str, limit: int | None = None) -> tuple[list[str], list
             raise DataError(f"{src}: expected 'messages' or 'prompt' + 'answers'")
         if limit and len(prompts) >= limit:
             break
-    return prompts, refs
+    return prompts, refs, sources
 
 
-def load_for_eval(model_dir: str, adapter: str | None):
+def adapter_format(adapter: str) -> PromptFormat | None:
+    """The prompt format an adapter directory was trained with; None when unknown (a PEFT adapter)."""
+    from ..adapter.io import META_FILE
+    from .generate import recorded_format
+
+    a = Path(adapter)
+    if (a / "adapter_config.json").exists():
+        return None
+    meta = json.loads((a / META_FILE).read_text()) if (a / META_FILE).exists() else {}
+    return recorded_format(meta)  # no metadata: a reference-code adapter, trained on the reference template
+
+
+def load_for_eval(model_dir: str, adapter: str | None, device_map=None):
     """(model, tokenizer, kind) for a checkpoint, optionally with an ESFT or PEFT adapter on top."""
     from ..adapter.io import attach_adapter
     from ..embedded import embedded_model_dir
     from ..models.loading import load_model
 
-    model, tok = load_model(model_dir or embedded_model_dir(), dtype="auto", device="auto")
+    model, tok = load_model(model_dir or embedded_model_dir(), dtype="auto", device="auto", device_map=device_map)
     kind = "base"
     if adapter:
         a = Path(adapter)
@@ -92,42 +126,66 @@ def load_for_eval(model_dir: str, adapter: str | None):
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     from ..tasks import METRICS, generate_split, get_task
-    from .generate import general_ability, generate
+    from .generate import choose_format, context_of, encode_prompts, general_ability, generate_ids
 
+    # the format is settled before loading anything: a conflicting --template fails at once
+    fmt = choose_format(cfg.template, adapter_format(cfg.adapter) if cfg.adapter else None, f"adapter {cfg.adapter}")
     kind = "given"
     if model is None:
-        model, tokenizer, kind = load_for_eval(cfg.model, cfg.adapter)
+        model, tokenizer, kind = load_for_eval(cfg.model, cfg.adapter, cfg.device_map)
     if cfg.task:
         metric = get_task(cfg.task).metric
         pairs = generate_split(cfg.task, "eval", cfg.n, cfg.seed)
         prompts, refs = [p for p, _ in pairs], [[a] for _, a in pairs]
+        sources = [f"{cfg.task} eval example {i}" for i in range(len(prompts))]
     else:
         metric = cfg.metric or "exact_match"
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
-        prompts, refs = read_eval_file(cfg.data, cfg.n)
-    preds = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-    total = float(METRICS[metric](preds, refs))
+        prompts, refs, sources = read_eval_rows(cfg.data, cfg.n)
+    context = context_of(model)
+    enc = encode_prompts(tokenizer, prompts, fmt, context, cfg.max_new_tokens, cfg.overlong, sources)
+    kept = [i for i, ids in enumerate(enc.ids) if ids is not None]
+    if not kept:
+        raise DataError(f"all {len(prompts)} prompts are longer than the context ({context} tokens with "
+                        f"max_new_tokens {cfg.max_new_tokens}): nothing left to score")
+    preds = generate_ids(model, tokenizer, [enc.ids[i] for i in kept], cfg.max_new_tokens, cfg.batch_size)
+    kept_prompts, kept_refs = [prompts[i] for i in kept], [refs[i] for i in kept]
+    total = float(METRICS[metric](preds, kept_refs))
+    action = {"truncate": "truncated", "skip": "skipped"}[cfg.overlong] if enc.overlong else "none"
     summary = {"task": cfg.task or cfg.data, "metric": metric, "score": total, "n": len(preds), "model_kind": kind,
+               "template": fmt.name,
+               "overlong": {"count": len(enc.overlong), "of": len(prompts), "action": action, "context": context,
+                            "max_new_tokens": cfg.max_new_tokens, "first": [sources[i] for i in enc.overlong[:10]]},
                "config": asdict(cfg)}
-    if cfg.general:
+    if cfg.general:  # the suite's general domains, always in the reference format (comparable across models)
         g, per = general_ability(model, tokenizer, cfg.n_general, cfg.seed)
         summary.update(general_ability=g, general_per_domain=per)
     grades = None
     if cfg.judge_url:
         from .judge import JudgeConfig, judge
 
-        j = judge(prompts, refs, preds, JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
-        grades = j.grades
+        j = judge(kept_prompts, kept_refs, preds, JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
+        grades = dict(zip(kept, j.grades))
         summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model)
     if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w") as f:
-            for i, (p, r, y) in enumerate(zip(prompts, refs, preds)):
-                row = {"prompt": p, "answers": r, "prediction": y, "score": float(METRICS[metric]([y], [r]))}
-                if grades is not None:
-                    row["judge_grade"] = grades[i]
-                f.write(json.dumps(row) + "\n")
-        write_json_atomic(out / "summary.json", summary)
+        _write_outputs(Path(cfg.out), summary, prompts, refs, dict(zip(kept, preds)), set(enc.overlong), action,
+                       METRICS[metric], grades)
     return summary
+
+
+def _write_outputs(out: Path, summary: dict, prompts, refs, preds: dict, overlong: set, action: str, metric,
+                   grades: dict | None) -> None:
+    """predictions.jsonl (one row per input, in order; a skipped prompt has prediction null) and summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for i, (p, r) in enumerate(zip(prompts, refs)):
+            row = {"prompt": p, "answers": r, "prediction": preds.get(i)}
+            if i in preds:
+                row["score"] = float(metric([preds[i]], [r]))
+            if i in overlong:
+                row["overlong"] = action
+            if grades is not None and i in grades:
+                row["judge_grade"] = grades[i]
+            f.write(json.dumps(row) + "\n")
+    write_json_atomic(out / "summary.json", summary)

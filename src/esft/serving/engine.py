@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..eval.generate import PromptFormat, eos_ids
+from ..models.loading import input_device
+
 
 _entropy = random.SystemRandom()  # unseeded requests: fresh randomness, without touching torch's global RNG
 
@@ -67,11 +70,18 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, weaver=None, max_batch: int = 16, max_context: int | None = None):
+    def __init__(self, model, tokenizer, weaver=None, max_batch: int = 16, max_context: int | None = None,
+                 base_format: PromptFormat | None = None):
         self.model, self.tok, self.weaver = model.eval(), tokenizer, weaver
         self.max_batch = max_batch
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where inputs go, also on a model spread over devices (device_map)
+        self.eos = set(eos_ids(model, tokenizer))  # tokenizer's EOS + every EOS id of the generation config
+        # chat format of the base (its tokenizer's chat template, else the reference one) and of each adapter
+        # (what it was trained with; the server fills this in as it loads adapters)
+        self.base_format = base_format or PromptFormat("chat" if getattr(tokenizer, "chat_template", None)
+                                                       else "reference")
+        self.formats: dict[str, PromptFormat] = {}
         self.pending: queue.Queue[Request] = queue.Queue()
         self.lock = threading.Lock()  # adapters change only between batches
         self._ids = itertools.count(1)
@@ -85,10 +95,9 @@ class Engine:
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         return bos + self.tok.encode(prompt, add_special_tokens=False)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Chat messages -> prompt ids (the reference template; content as a string or a list of text parts)."""
-        from ..data.conversations import encode_reference
-
+    def encode_chat(self, messages: list[dict], adapter: str | None = None) -> list[int]:
+        """Chat messages -> prompt ids in the format ``adapter`` (None = the base) was trained with;
+        content as a string or a list of text parts."""
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -102,8 +111,15 @@ class Engine:
             clean.append({"role": m["role"], "content": c})
         if not clean or clean[-1]["role"] != "user":
             raise RequestError("the last message must have role 'user'")
-        ids, _ = encode_reference(clean, self.tok)
-        return ids
+        fmt = self.base_format if adapter is None else self.formats.get(adapter, PromptFormat())
+        if fmt.name == "reference":
+            return fmt.encode_chat(self.tok, clean)
+        from jinja2 import TemplateError  # chat templates are rendered with jinja2 anyway
+
+        try:
+            return fmt.encode_chat(self.tok, clean)
+        except (ValueError, TemplateError) as e:  # e.g. a template that wants alternating roles
+            raise RequestError(f"the messages do not fit the chat template: {e}") from None
 
     def submit(self, adapter: str | None, prompt_ids: list[int], params: GenParams, listener=None) -> Request:
         params.check()
@@ -160,7 +176,6 @@ class Engine:
         self.stats["requests"] += B
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], B)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        eos = self.tok.eos_token_id
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((B, width), pad, dtype=torch.long)
         mask = torch.zeros((B, width), dtype=torch.long)
@@ -185,7 +200,7 @@ class Engine:
                     if batch[i].cancelled:
                         s.finish("cancelled")
                     else:
-                        s.push(int(nxt[i]), eos)
+                        s.push(int(nxt[i]), self.eos)
             if all(s.done for s in streams):
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], 1)
@@ -211,7 +226,7 @@ def _pick(logits: torch.Tensor, p: GenParams, gen: torch.Generator) -> int:
 
 
 class _Stream:
-    """Incremental detokenisation of one row: emits text deltas, honours stop strings and EOS."""
+    """Incremental detokenisation of one row: emits text deltas, honours stop strings and every EOS id."""
 
     def __init__(self, tok, req: Request):
         self.tok, self.req = tok, req
@@ -221,8 +236,8 @@ class _Stream:
         self.cut = False  # ended by a stop string: the text after it is never sent
         self.hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may still be forming
 
-    def push(self, token: int, eos: int) -> None:
-        if token == eos and not self.req.params.ignore_eos:
+    def push(self, token: int, eos: set[int]) -> None:
+        if token in eos and not self.req.params.ignore_eos:
             return self.finish("stop")
         self.tokens.append(token)
         text = self.tok.decode(self.tokens, skip_special_tokens=True)

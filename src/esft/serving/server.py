@@ -6,8 +6,10 @@
     POST   /admin/adapters             {"name", "path"}   (admin token; path must lie under the adapter root)
     DELETE /admin/adapters/{name}      (admin token)
 
-The ``model`` field picks the adapter (the base model's own name picks no adapter). Errors use
-the OpenAI error body: ``{"error": {"message", "type", "code"}}``.
+The ``model`` field picks the adapter (the base model's own name picks no adapter). Chat messages
+are formatted as that adapter was trained (the template recorded in its esft_adapter.json); the base
+uses its tokenizer's chat template, or the reference template when it has none. Errors use the
+OpenAI error body: ``{"error": {"message", "type", "code"}}``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class ServeConfig:
     max_batch: int = 16
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | dict | None = None  # spread the base over devices: auto, cpu, cuda:0, a JSON file {module: device}
+    template: str = "auto"  # chat format: auto = each adapter's recorded one; reference/chat = that, or refuse the adapter
 
 
 class AdapterPathError(ValueError):
@@ -144,7 +148,7 @@ def build_app(engine: Engine, cfg: ServeConfig):
                 msgs = body.get("messages")
                 if not isinstance(msgs, list):
                     raise RequestError("'messages' (a list) is required")
-                ids = engine.encode_chat(msgs)
+                ids = engine.encode_chat(msgs, adapter)
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
@@ -237,7 +241,7 @@ def build_app(engine: Engine, cfg: ServeConfig):
             if not isinstance(name, str) or not name or name == cfg.base_name or not isinstance(path, str):
                 raise RequestError(f"give a 'name' (not {cfg.base_name!r}) and a 'path'")
             full = resolve_under(cfg.adapter_root, path)
-            await asyncio.get_running_loop().run_in_executor(None, _load, engine, name, full)
+            await asyncio.get_running_loop().run_in_executor(None, _load, engine, name, full, cfg.template)
         except (ValueError, OSError) as e:  # bad request, path outside the root, damaged or foreign adapter
             return error(400, f"adapter {name!r} refused: {e}")
         return {"loaded": name, "models": names()}
@@ -249,6 +253,7 @@ def build_app(engine: Engine, cfg: ServeConfig):
         def unload():
             with engine.lock:  # waits for the running batch, off the event loop
                 weaver.unload(name)
+                engine.formats.pop(name, None)
 
         try:
             await asyncio.get_running_loop().run_in_executor(None, unload)
@@ -259,13 +264,31 @@ def build_app(engine: Engine, cfg: ServeConfig):
     return app
 
 
-def _load(engine: Engine, name: str, path: Path) -> None:
-    """Read and check the adapter outside the lock; swap it in between batches."""
+def _load(engine: Engine, name: str, path: Path, template: str = "auto") -> None:
+    """Read and check the adapter (and its chat format) outside the lock; swap it in between batches."""
     from ..adapter.io import read_adapter
+    from ..eval.generate import choose_format, recorded_format
 
     adapter = read_adapter(path)
+    fmt = choose_format(template, recorded_format(adapter.meta), f"adapter {name} ({path})")
+    if fmt.name == "chat":
+        fmt.template_for(engine.tok)  # refuse now, not at its first request, if there is no chat template
     with engine.lock:
         engine.weaver.load(name, adapter)
+        engine.formats[name] = fmt
+
+
+def base_format(template: str, tokenizer):
+    """The base model's chat format: auto = its tokenizer's chat template, or the reference template when
+    it has none (as esft serve always did); an explicit choice must be usable."""
+    from ..eval.generate import PromptFormat
+
+    if template == "auto":
+        return None  # the engine's default
+    fmt = PromptFormat(template)
+    if fmt.name == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--template chat, but the base model's tokenizer has no chat template")
+    return fmt
 
 
 def start_engine(cfg: ServeConfig) -> Engine:
@@ -274,18 +297,24 @@ def start_engine(cfg: ServeConfig) -> Engine:
     from ..models.loading import load_model
     from .weave import Weaver
 
-    model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device)
-    weaver = Weaver(model.eval())
+    model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device,
+                            device_map=cfg.device_map)
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:  # weaving builds each layer's experts from the base's own tensors: they must be in memory
+        raise ValueError(f"esft serve needs every weight on a device, but the device map leaves {len(offloaded)} "
+                         f"tensors on disk (e.g. {offloaded[0]}); map every module to a GPU or cpu")
+    engine = Engine(model, tok, Weaver(model.eval()), max_batch=cfg.max_batch,
+                    base_format=base_format(cfg.template, tok))
     for name, path in (cfg.adapters or {}).items():
         if name == cfg.base_name:
             log.error("adapter %s refused: that is the base model's name", name)
             continue
         try:
-            weaver.load(name, resolve_under(cfg.adapter_root, path))
-            log.info("loaded adapter %s from %s", name, path)
+            _load(engine, name, resolve_under(cfg.adapter_root, path), cfg.template)
+            log.info("loaded adapter %s from %s (template %s)", name, path, engine.formats[name].name)
         except (ValueError, OSError) as e:
             log.error("adapter %s (%s) refused: %s", name, path, e)
-    return Engine(model, tok, weaver, max_batch=cfg.max_batch)
+    return engine
 
 
 def serve(cfg: ServeConfig) -> None:
