@@ -5,6 +5,7 @@
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA + ablations, 4 tasks x 3 seeds -> docs/report.md (< 60 min on 2 cores)
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
+#   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -50,7 +51,10 @@ report-quick: install
 bench-serve: install
 	$(BIN)/python benchmarks/serve_throughput.py
 
+bench-merge: install
+	$(BIN)/python benchmarks/merge_memory.py
+
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
-.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve
+.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge

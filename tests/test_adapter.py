@@ -45,7 +45,7 @@ def test_adapter_holds_only_trained_experts_under_checkpoint_names(trained):
     cfg = json.loads((trained["dir"] / "expert_cfg.json").read_text())
     assert cfg["experts"] == {str(l): es for l, es in SEL.items()}
     meta = json.loads((trained["dir"] / "esft_adapter.json").read_text())
-    assert set(meta["base_model"]) == {"config", "weights"}
+    assert set(meta["base_model"]) == {"version", "config", "weights"} and meta["base_model"]["version"] == 2
 
 
 def test_logits_parity_attach_merge_and_merged_checkpoint(trained, tiny_dir, tmp_path):

@@ -8,6 +8,8 @@ An adapter directory holds
     expert_cfg.json       the reference layout: experts per layer, shared_experts, non_expert_modules
     esft_adapter.json     what base model (config and weight fingerprints) and settings made it
 
+Merging into a checkpoint on disk (``merge_to_checkpoint``) streams its shards: adapter/merge.py.
+
 Adapters written by the reference code (any *.safetensors files + expert_cfg.json, no
 esft_adapter.json) load too; their base model cannot be checked, which is logged.
 """
@@ -29,7 +31,7 @@ from ..io import atomic_dir, write_json_atomic
 from ..models.registry import base_experts, get_family, moe_layers
 from ..selection.select import read_expert_config
 from ..training.experts import ESFTExperts, TrainablePlan, apply_esft
-from .fingerprint import model_fingerprint
+from .fingerprint import fingerprint_mismatch, fingerprint_version, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,15 @@ class Adapter:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerprint: dict, extra_meta: dict | None = None) -> Path:
-    """Atomically write the adapter of ``plan`` to ``out_dir`` (replacing an older one)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in plan.adapter_state_dict().items()}
+def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerprint: dict, extra_meta: dict | None = None,
+                 dtype: torch.dtype | None = None, source: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write the adapter of ``plan`` to ``out_dir`` (replacing an older one).
+
+    ``dtype``: the tensors' dtype on disk (None = as trained); ``source``: tensors to read instead of the
+    model's parameters (the fp32 masters of a mixed-precision run), see ``TrainablePlan.adapter_state_dict``.
+    """
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in plan.adapter_state_dict(source).items()}
     cfg = dict(plan.expert_cfg)
     cfg["experts"] = {str(l): list(es) for l, es in sorted(cfg["experts"].items())}
     meta = {
@@ -68,6 +76,7 @@ def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerpri
         "base_model": base_fingerprint,
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
         **(extra_meta or {}),
     }
     out_dir = Path(out_dir)
@@ -101,18 +110,24 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
 
 
 def check_base(model: nn.Module, adapter: Adapter, fingerprint: dict | None = None) -> None:
-    """Refuse an adapter made for another base model (compares config and weight fingerprints)."""
+    """Refuse an adapter made for another base model (compares config and weight fingerprints).
+
+    ``fingerprint``: the model's, if already computed; used when its version is the adapter's,
+    otherwise the adapter's version (1 for adapters written before fingerprints had one) is
+    computed from the model.
+    """
     want = adapter.meta.get("base_model")
     if not want:
         log.warning("%s has no %s (reference-code adapter?): its base model cannot be checked", adapter.path, META_FILE)
         return
-    have = fingerprint or model_fingerprint(model)
-    for k in ("config", "weights"):
-        if want.get(k) != have.get(k):
-            raise AdapterError(
-                f"{adapter.path} was trained on a different base model: its {k} fingerprint is "
-                f"{want.get(k)}, this model's is {have.get(k)} (pass allow_other_base / --allow-other-base to load anyway)"
-            )
+    version = fingerprint_version(want)
+    have = fingerprint if fingerprint and fingerprint_version(fingerprint) == version else model_fingerprint(model, version)
+    k = fingerprint_mismatch(want, have)
+    if k:
+        raise AdapterError(
+            f"{adapter.path} was trained on a different base model: its {k} fingerprint is "
+            f"{want.get(k)}, this model's is {have.get(k)} (pass allow_other_base / --allow-other-base to load anyway)"
+        )
 
 
 def _targets(model: nn.Module) -> tuple[dict, dict]:
@@ -146,8 +161,14 @@ def _split(adapter: Adapter, model: nn.Module):
             rest[k] = (p, t)
         else:
             raise AdapterError(f"{adapter.path}: tensor {k!r} matches no parameter or expert of this model")
+    check_expert_cfg(adapter, {le: set(parts) for le, parts in routed.items()})
+    return routed, rest
+
+
+def check_expert_cfg(adapter: Adapter, routed: dict[tuple[int, int], set[str]]) -> None:
+    """The routed experts an adapter holds ((layer, expert) -> parts present) must be exactly its expert_cfg's, whole."""
     listed = {(l, e) for l, es in adapter.expert_cfg["experts"].items() for e in es}
-    for (l, e), parts in routed.items():
+    for (l, e), parts in sorted(routed.items()):
         if (l, e) not in listed:
             raise AdapterError(f"{adapter.path}: holds layer {l} expert {e}, which its expert_cfg.json does not list")
         missing = {"gate", "up", "down"} - set(parts)
@@ -156,7 +177,6 @@ def _split(adapter: Adapter, model: nn.Module):
     absent = sorted(listed - set(routed))
     if absent:
         raise AdapterError(f"{adapter.path}: expert_cfg.json lists (layer, expert) {absent[:5]} but the adapter has no tensors for them")
-    return routed, rest
 
 
 def _check_expert_shapes(adapter: Adapter, layer: int, expert: int, parts: dict, gate_up: torch.Tensor, down: torch.Tensor):
@@ -218,17 +238,12 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow
 
 def merge_to_checkpoint(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "auto",
                         overwrite: bool = False, allow_other_base: bool = False) -> Path:
-    """base checkpoint + adapter -> a standalone checkpoint that AutoModelForCausalLM loads."""
-    from ..models.loading import load_model
+    """base checkpoint + adapter -> a standalone checkpoint that AutoModelForCausalLM loads.
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    model, tokenizer = load_model(base_path, dtype=dtype, device="cpu")
-    merge_adapter(model, adapter_dir, allow_other_base=allow_other_base)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_json_atomic(tmp / "esft_merge.json", {"base_model": str(base_path), "adapter": str(adapter_dir),
-                                                   "esft_version": __version__})
-    return out
+    Streams the base's safetensors shards without instantiating the model (see adapter/merge.py);
+    ``dtype``: "auto" keeps each tensor's own dtype, "float32" / "bfloat16" cast the floating ones.
+    """
+    from .merge import merge_checkpoint
+
+    return merge_checkpoint(base_path, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite,
+                            allow_other_base=allow_other_base).out
