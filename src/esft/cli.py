@@ -79,11 +79,16 @@ def cmd_train(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from .adapter.io import merge_to_checkpoint
+    from .adapter.merge import merge_checkpoint
 
-    out = merge_to_checkpoint(a.model, a.adapter, a.out, dtype=a.dtype, overwrite=a.overwrite,
-                              allow_other_base=a.allow_other_base)
-    print(f"wrote merged checkpoint {out}")
+    r = merge_checkpoint(a.model, a.adapter, a.out, dtype=a.dtype, overwrite=a.overwrite,
+                         allow_other_base=a.allow_other_base)
+    _table("merge", ["what", "value"], [
+        ["base model check", r.base_check], ["tensors rewritten", len(r.rewritten)],
+        ["shards rewritten / copied", f"{len(r.shards_rewritten)} / {len(r.shards_copied)}"],
+        ["dtype", a.dtype], ["tensor data", f"{r.output_bytes / 2**20:.1f} MiB"],
+        ["wall time", f"{r.seconds:.1f} s"], ["output", r.out],
+    ])
     return 0
 
 
@@ -224,11 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("merge", help="base checkpoint + expert adapter -> standalone checkpoint")
-    sp.add_argument("--model", required=True, help="base checkpoint directory")
+    sp = sub.add_parser("merge", help="base checkpoint + expert adapter -> standalone checkpoint",
+                        description="Copies the base's safetensors shards one at a time, rewriting only the tensors "
+                        "the adapter holds (the model is never loaded: memory ~ adapter + 64 MiB); config, tokenizer "
+                        "and other files are copied. FP8-quantized tensors are refused (merge into the bf16 checkpoint).")
+    sp.add_argument("--model", required=True, help="base checkpoint directory (safetensors)")
     sp.add_argument("--adapter", required=True, help="adapter directory (ours or the reference code's)")
     sp.add_argument("--out", required=True, help="directory for the merged checkpoint")
-    sp.add_argument("--dtype", default="auto", help="dtype to load and save in (auto keeps fp32 on CPU)")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: every tensor keeps the base checkpoint's dtype (the adapter's are cast to it); "
+                    "float32/bfloat16/float16: cast every floating-point tensor of the output (default: auto)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sp.add_argument("--allow-other-base", action="store_true", help="skip the check that the adapter was made on this base")
     sp.set_defaults(func=cmd_merge)
