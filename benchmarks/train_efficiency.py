@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--vocab", type=int, default=512, help="vocabulary size of the BPE tokenizer trained on the toy task")
     m.add_argument("--router-std", type=float, default=0.5,
                    help="std of the normal init of router weights (0 keeps transformers' init: near-uniform routing)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="model dtype for both methods (bfloat16: fp32 master weights and AdamW state, as the recipe)")
     m.add_argument("--experts-impl", choices=["default", "grouped_mm", "batched_mm", "eager"], default="default",
                    help="transformers experts implementation for both methods (default: what transformers picks, grouped_mm in 5.x; batched_mm is very slow on CPU)")
     d = p.add_argument_group("data and batches")
@@ -146,7 +148,7 @@ def build(args):
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, getattr(args, "dtype", "float32")))
     if args.experts_impl != "default":
         model.set_experts_implementation(args.experts_impl)
     if args.router_std > 0:
@@ -213,12 +215,16 @@ class Runner:
 
     def __init__(self, name, model, params: list, lr: float, max_grad_norm: float):
         from esft.training.config import TrainConfig
+        from esft.training.precision import MasterWeights
         from esft.training.recipe import make_optimizer
 
-        self.name, self.model, self.params = name, model, params
+        self.name, self.model = name, model
         self.max_grad_norm = max_grad_norm
+        # As the recipe does: fp32 masters for bf16 trainable tensors (none for an fp32 model).
+        self.masters = MasterWeights({str(i): p for i, p in enumerate(params)})
+        self.params = self.masters.parameters()
         cfg = TrainConfig(model="-", train_data="-", output_dir="-", method="full", lr=lr)
-        self.opt = make_optimizer(params, cfg)
+        self.opt = make_optimizer(self.params, cfg)
         self.times: list[dict] = []
         self.losses: list[float] = []
         model.train()
@@ -231,6 +237,7 @@ class Runner:
                          labels=batch["labels"], use_cache=False)
         t1 = time.perf_counter()
         out.loss.backward()
+        self.masters.accumulate()
         t2 = time.perf_counter()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -238,6 +245,7 @@ class Runner:
         self.opt.step()
         t4 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
+        self.masters.sync()
         t5 = time.perf_counter()
         self.losses.append(float(out.loss.detach()))
         if record:
@@ -368,7 +376,7 @@ def main(argv=None) -> int:
     }
     mark = lambda k: "[green]met[/green]" if met[k] else "[red]MISSED[/red]"  # noqa: E731
 
-    title = (f"ESFT vs FFT - deepseek_v2, hidden {args.hidden}, {args.layers} layers ({len(layers)} MoE), "
+    title = (f"ESFT vs FFT ({args.dtype}) - deepseek_v2, hidden {args.hidden}, {args.layers} layers ({len(layers)} MoE), "
              f"{args.experts} experts top-{args.top_k} + {args.shared_experts} shared, {n_params / 1e6:.1f}M params; "
              f"batch {args.batch_size}x{args.seq_len}; {args.threads} threads; experts impl {impl}")
     tab = Table(title=title, title_justify="left")
@@ -418,6 +426,10 @@ def main(argv=None) -> int:
         "esft_optimizer_state_bytes": esft_opt_bytes,
         "fft_optimizer_state_bytes": fft_opt_bytes,
         "esft_trainable_params": esft_trainable,
+        "dtype": args.dtype,
+        "esft_master_weight_bytes": esft.masters.master_bytes(),
+        "fft_master_weight_bytes": fft.masters.master_bytes(),
+        "model_param_bytes": sum(p.numel() * p.element_size() for p in fft_model.parameters()),
         "fft_trainable_params": fft_trainable,
         "adapter_bytes": adapter_bytes,
         "full_checkpoint_bytes": full_bytes,

@@ -32,7 +32,8 @@ def cmd_profile(a) -> int:
     from .profiling.run import ProfileConfig, run_profile
 
     cfg = ProfileConfig(model=a.model, data=a.data, out=a.out, max_tokens=a.max_tokens, seq_len=a.seq_len,
-                        batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device)
+                        batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device,
+                        device_map=a.device_map)
     prof = run_profile(cfg, progress=not a.quiet)
     rows = []
     for l in prof.layers:
@@ -197,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=1, help="packed sequences per forward pass (default: 1)")
     sp.add_argument("--template", default="reference", choices=["reference", "chat"], help="prompt template")
     sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (the whole model; see --device-map)")
+    sp.add_argument("--device-map", default=None, help="spread the model over devices while loading: auto, balanced, "
+                    "or a JSON file {module: device} (devices: 0, 1, cuda:1, cpu, or disk to read a layer's weights "
+                    "from disk at each forward)")
     common(sp)
     sp.set_defaults(func=cmd_profile)
 

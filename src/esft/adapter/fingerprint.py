@@ -172,6 +172,14 @@ def model_fingerprint(model: nn.Module, version: int = FINGERPRINT_VERSION) -> d
         return {"config": config_fingerprint(model.config), "weights": weights_fingerprint_v1(model)}
     if version != FINGERPRINT_VERSION:
         raise ValueError(f"unknown fingerprint version {version} (this esft knows 1 and {FINGERPRINT_VERSION})")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # Layers a device map offloaded to disk have no values in memory; v2 is defined over the
+        # checkpoint's tensors, so the files the model was loaded from give the same value.
+        source = Path(str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")))
+        if not (source / "config.json").is_file():
+            raise ValueError("this model has weights on the meta device (offloaded) and no checkpoint directory "
+                             "to read them from, so its fingerprint cannot be computed")
+        return checkpoint_fingerprint(source)
     return {"version": FINGERPRINT_VERSION, "config": config_fingerprint(model.config), "weights": weights_fingerprint(model)}
 
 
