@@ -4,6 +4,7 @@
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA + ablations, 4 tasks x 3 seeds -> docs/report.md (< 60 min on 2 cores)
+#   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
 PY ?= python3
@@ -54,7 +55,10 @@ bench-serve: install
 bench-merge: install
 	$(BIN)/python benchmarks/merge_memory.py
 
+bench-precision: install
+	$(BIN)/python benchmarks/mixed_precision.py
+
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
-.PHONY: install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge
+.PHONY: bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge

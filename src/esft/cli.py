@@ -72,7 +72,9 @@ def cmd_train(a) -> int:
         ["method", cfg.method], ["steps", res.steps], ["last train loss", f"{res.train_loss:.4f}"],
         ["best valid loss", "-" if res.best_valid_loss is None else f"{res.best_valid_loss:.4f}"],
         ["trainable parameters", f"{res.trainable_params:,}"],
-        ["optimizer state", f"{res.optimizer_state_bytes / 2**20:.2f} MiB"],
+        ["optimizer state (fp32)", f"{res.optimizer_state_bytes / 2**20:.2f} MiB"],
+        ["fp32 master weights", f"{res.master_weight_bytes / 2**20:.2f} MiB" if res.master_weight_bytes
+         else "none (the model is fp32)"],
         ["wall time", f"{res.seconds:.1f} s"], ["output", res.output_dir],
         ["adapter", res.adapter_dir or "-"],
     ])

@@ -37,6 +37,8 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    import torch
+
     from .adapter.io import attach_adapter, read_adapter
     from .embedded import embedded_model_dir
     from .eval.generate import evaluate_task, general_ability
@@ -100,7 +102,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     layers = moe_layers(base)
     n_all = sum(l.num_experts for l in layers)
     adapter_bytes = sum(f.stat().st_size for f in (out / "train" / "adapter").iterdir())
-    full_bytes = sum(p.numel() * 4 for p in base.parameters())  # the same model as an fp32 checkpoint
+    # The whole model as a checkpoint in the adapter's dtype (the base checkpoint's: bf16 for the shipped model).
+    adapter_dtype = getattr(torch, read_adapter(out / "train" / "adapter").meta.get("dtype") or "float32")
+    full_bytes = sum(p.numel() for p in base.parameters()) * torch.empty(0, dtype=adapter_dtype).element_size()
     summary = {
         "task": cfg.task, "metric": task.metric, "score_function": cfg.score_function, "top_p": top_p,
         "task_score_before": before.score, "task_score_after": after.score,
@@ -109,7 +113,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "experts_trained": n_sel, "experts_total": n_all, "experts_share": n_sel / n_all,
         "experts_per_layer": {l: len(v) for l, v in sel["experts"].items()},
         "trainable_params": res.trainable_params, "best_valid_loss": res.best_valid_loss,
-        "adapter_bytes": adapter_bytes, "full_checkpoint_bytes_fp32": full_bytes,
+        "adapter_bytes": adapter_bytes, "full_checkpoint_bytes": full_bytes, "checkpoint_dtype": str(adapter_dtype).removeprefix("torch."),
         "seconds": times, "total_seconds": sum(times.values()), "config": asdict(cfg), "output_dir": str(out),
         "adapter_base_model": read_adapter(out / "train" / "adapter").meta.get("base_model"),
     }
@@ -133,9 +137,9 @@ def print_summary(s: dict) -> None:
               f"{s['general_after'] - s['general_before']:+.1f}")
     t.add_section()
     t.add_row("experts trained", f"{s['experts_trained']} of {s['experts_total']}", f"{100 * s['experts_share']:.1f}%", "")
-    t.add_row("adapter vs full checkpoint", f"{s['adapter_bytes'] / 2**20:.2f} MiB",
-              f"{s['full_checkpoint_bytes_fp32'] / 2**20:.1f} MiB",
-              f"{100 * s['adapter_bytes'] / s['full_checkpoint_bytes_fp32']:.1f}%")
+    t.add_row(f"adapter vs full checkpoint ({s['checkpoint_dtype']})", f"{s['adapter_bytes'] / 2**20:.2f} MiB",
+              f"{s['full_checkpoint_bytes'] / 2**20:.1f} MiB",
+              f"{100 * s['adapter_bytes'] / s['full_checkpoint_bytes']:.1f}%")
     t.add_section()
     for k, v in s["seconds"].items():
         t.add_row(f"time: {k}", f"{v:.1f} s", "", "")
