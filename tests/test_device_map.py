@@ -88,3 +88,13 @@ def test_bad_device_map_files(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="non-empty JSON object"):
         parse_device_map(str(tmp_path / "list.json"))
+
+
+def test_shared_experts_of_an_offloaded_layer_are_refused(tiny_dir, tmp_path):
+    """Not only routed experts: any trainable tensor left on meta would silently never train."""
+    sel = tmp_path / "with_shared.json"
+    sel.write_text(json.dumps({"experts": {"2": [1]}, "shared_experts": True}))
+    cfg = _train_cfg(tiny_dir, tmp_path / "shared", {"2": [1]}, device_map=_device_map(tmp_path))
+    cfg.expert_config = str(sel)
+    with pytest.raises(DataError, match=r"trainable tensor\(s\) are on the meta device.*layers\.1\.mlp\.shared_experts"):
+        train(cfg, progress=False)

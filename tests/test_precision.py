@@ -133,3 +133,48 @@ def test_master_weights_and_adam_state_scale_with_the_selected_experts():
     for n, p in plan.params.items():  # the model's bf16 weights are the masters, rounded
         assert p.dtype == torch.bfloat16
         assert torch.equal(p, mw.masters[n].to(torch.bfloat16))
+
+
+def test_fp16_uses_loss_scaling_and_tracks_fp32(bf16_dir, tmp_path):
+    """fp16's narrow range needs a loss scale (torch.amp.GradScaler) on top of the fp32 masters."""
+    kw = dict(lr=1e-2, steps=6, save_every=6)
+    train(_cfg(bf16_dir, tmp_path / "fp16", dtype="float16", **kw), progress=False)
+    train(_cfg(bf16_dir, tmp_path / "fp32", dtype="float32", **kw), progress=False)
+    lh, lf = _losses(tmp_path / "fp16"), _losses(tmp_path / "fp32")
+    # The scaler starts at 2^16 and may skip a first overflowing step; after that the curves agree.
+    for step, (h, f) in enumerate(zip(lh[2:], lf[2:]), 3):
+        assert abs(h - f) <= 0.01 * f, f"step {step}: fp16 loss {h:.4f} vs fp32 {f:.4f}"
+    state = json.loads((tmp_path / "fp16" / "checkpoints" / "step-6" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0  # saved for resume
+    adapter = load_file(str(tmp_path / "fp16" / "last" / "adapter.safetensors"))
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_baselines_train_in_bf16(bf16_dir, tmp_path, method):
+    res = train(_cfg(bf16_dir, tmp_path / method, method=method, expert_config=None, lr=1e-3, steps=2),
+                progress=False)
+    losses = _losses(tmp_path / method)
+    assert len(losses) == 2 and all(l == l for l in losses)  # finite, not NaN
+    if method == "full":  # every weight is bf16 with an fp32 master
+        assert res.master_weight_bytes == 4 * res.trainable_params
+        model, _ = load_model(tmp_path / method / "last", dtype="bfloat16", device="cpu")
+        base, _ = load_model(bf16_dir / "model", dtype="bfloat16", device="cpu")
+        changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), base.parameters()))
+        assert changed > 0.5 * res.trainable_params
+    else:  # PEFT keeps LoRA weights in fp32: their own masters
+        assert res.master_weight_bytes == 0
+
+
+def test_bf16_resume_equals_an_uninterrupted_bf16_run(bf16_dir, tmp_path):
+    """Checkpoints keep the fp32 masters, so a resumed bf16 run continues bit for bit."""
+    kw = dict(lr=1e-3, steps=4, save_every=2, adapter_dtype="float32")
+    train(_cfg(bf16_dir, tmp_path / "straight", **kw), progress=False)
+    train(_cfg(bf16_dir, tmp_path / "split", **{**kw, "steps": 2}), progress=False)
+    train(_cfg(bf16_dir, tmp_path / "split", **kw, resume=True), progress=False)
+    a = load_file(str(tmp_path / "straight" / "last" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "split" / "last" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")

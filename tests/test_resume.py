@@ -62,3 +62,24 @@ def test_resume_with_the_same_settings_continues_and_keeps_the_first_config(tiny
     state = json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())
     assert state["run"]["expert_config"]["experts"] == {"1": [0, 1]}
     assert state["run"]["train_data_sha256"] and state["run"]["base_model"]["config"]
+
+
+def test_resume_without_a_checkpoint_starts_over_with_the_new_config(tiny_dir, tmp_path):
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({"experts": {"1": [0, 1]}}))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("lr: 0.5  # from a run that crashed before its first checkpoint\n")
+    train(_cfg(tiny_dir, out, sel, resume=True, lr=2e-3), progress=False)
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 2e-3
+
+
+def test_a_checkpoint_from_before_run_records_still_checks_its_base(tiny_dir, tmp_path, first_run):
+    out, sel = first_run
+    state_file = out / "checkpoints" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]  # as esft 0.1 wrote it
+    state["base_model"]["weights"] = "0" * 16
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(DataError, match="another base model"):
+        train(_cfg(tiny_dir, out, sel, steps=4, resume=True), progress=False)

@@ -169,6 +169,10 @@ def weights_fingerprint_v1(model: nn.Module, samples: int = 64) -> str:
 def model_fingerprint(model: nn.Module, version: int = FINGERPRINT_VERSION) -> dict:
     """{"version": 2, "config": ..., "weights": ...} of a loaded model (version=1: the old dict, no version key)."""
     if version == 1:
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError("a version-1 base fingerprint (an adapter or checkpoint from esft 0.1) needs every weight "
+                             "in memory, and this model has weights offloaded to the meta device: load it without "
+                             "offloading to check it, or pass allow_other_base to skip the check")
         return {"config": config_fingerprint(model.config), "weights": weights_fingerprint_v1(model)}
     if version != FINGERPRINT_VERSION:
         raise ValueError(f"unknown fingerprint version {version} (this esft knows 1 and {FINGERPRINT_VERSION})")

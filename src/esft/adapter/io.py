@@ -158,6 +158,9 @@ def _split(adapter: Adapter, model: nn.Module):
             p = others[k]
             if tuple(p.shape) != tuple(t.shape):
                 raise AdapterError(f"{adapter.path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+            if p.device.type == "meta":
+                raise AdapterError(f"{adapter.path}: {k} belongs to a layer the device map offloaded (meta device); "
+                                   "an adapter can only be written into weights held in memory")
             rest[k] = (p, t)
         else:
             raise AdapterError(f"{adapter.path}: tensor {k!r} matches no parameter or expert of this model")
@@ -202,6 +205,9 @@ def merge_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow_
     layers = {l.index: base_experts(l.experts) for l in moe_layers(model)}
     for (l, e), parts in sorted(routed.items()):
         ex = layers[l]
+        if ex.gate_up_proj.device.type == "meta":
+            raise AdapterError(f"{adapter.path}: layer {l} expert {e}: the device map offloaded this layer's experts "
+                               "(meta device); an adapter can only be merged into weights held in memory")
         _check_expert_shapes(adapter, l, e, parts, ex.gate_up_proj, ex.down_proj)
         inter = ex.gate_up_proj.shape[1] // 2
         ex.gate_up_proj[e, :inter].copy_(parts["gate"])

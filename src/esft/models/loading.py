@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -44,13 +45,14 @@ def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
 
     from safetensors import safe_open
 
-    counts: Counter = Counter()
+    counts: Counter = Counter()  # elements per dtype: the weights decide, not the many small scale tensors
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                dt = _FLOAT_DTYPES.get(st.get_slice(k).get_dtype())
+                sl = st.get_slice(k)
+                dt = _FLOAT_DTYPES.get(sl.get_dtype())
                 if dt is not None:
-                    counts[dt] += 1
+                    counts[dt] += math.prod(sl.get_shape())
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -59,7 +61,9 @@ def parse_device_map(spec) -> str | dict | None:
 
     A JSON file holds {module name: device}, e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ...,
     "model.layers.20": 1, "lm_head": 1} or "disk" for layers to offload (their weights stay on disk and
-    are read at each forward; such layers can be profiled and run through, but not trained).
+    are read at each forward; such layers can be profiled and run through, but not trained). When GPUs
+    are in the map, accelerate also offloads "cpu" entries (kept in host RAM, moved per forward):
+    trained experts must then be on a GPU.
     """
     if spec is None or spec == "":
         return None

@@ -164,6 +164,19 @@ class TrainablePlan:
         return out
 
 
+OFFLOAD_HINT = ('map {module} to a GPU (accelerate offloads "cpu" entries when GPUs are in the map), or to '
+                '"cpu" on a machine without GPUs')
+
+
+def check_in_memory(params: dict[str, torch.Tensor], what: str = "trainable") -> None:
+    """Refuse tensors a device map left on the meta device: they have no values to train or overwrite."""
+    off = [n for n, p in params.items() if p.device.type == "meta"]
+    if off:
+        module = ".".join(off[0].split(".")[:3])
+        raise DataError(f"{len(off)} {what} tensor(s) are on the meta device (offloaded by the device map), e.g. "
+                        f"{', '.join(off[:3])}: {OFFLOAD_HINT.format(module=module)}")
+
+
 def validate_expert_cfg(model: nn.Module, expert_cfg: dict, source: str = "expert config") -> None:
     """Raise DataError if the config names a layer or expert the model lacks (before any training)."""
     layers = {l.index: l for l in moe_layers(model)}
@@ -201,8 +214,8 @@ def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
         if selected and base_experts(l.experts).gate_up_proj.device.type == "meta":
             raise DataError(
                 f"layer {l.index}: experts {selected} are selected for training, but the device map left this "
-                f"layer's experts on the meta device (offloaded to disk or CPU by accelerate); trained experts "
-                f"must be in memory: map {l.prefix.rsplit('.', 1)[0]} to a device (e.g. \"cuda:0\" or \"cpu\")"
+                f"layer's experts on the meta device (offloaded to disk, or to CPU next to GPUs, by accelerate); "
+                f"trained experts must be in memory: {OFFLOAD_HINT.format(module=l.prefix.rsplit('.', 1)[0])}"
             )
         if selected and not isinstance(l.experts, ESFTExperts):
             setattr(l.block, family.experts_attr, ESFTExperts(l.experts, selected))
@@ -210,6 +223,7 @@ def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
     for name, p in model.named_parameters():
         if p.requires_grad:
             plan.params[name] = p
+    check_in_memory(plan.params)
     for l in moe_layers(model):
         if isinstance(l.experts, ESFTExperts):
             plan.wrappers[l.index] = l.experts

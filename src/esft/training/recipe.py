@@ -37,7 +37,7 @@ from ..io import DataError, atomic_dir, write_json_atomic
 from ..models.loading import checkpoint_dtype, input_device, load_model
 from ..selection.select import read_expert_config
 from .config import TrainConfig
-from .experts import TrainablePlan, apply_esft
+from .experts import TrainablePlan, apply_esft, check_in_memory
 from .precision import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,17 @@ def _short(v, width: int = 120) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def check_legacy_base(ckpt: Path, want: dict, model: nn.Module) -> None:
+    """A checkpoint written before run records existed still names its base model: check that much."""
+    from ..adapter.fingerprint import fingerprint_mismatch, fingerprint_version
+
+    have = model_fingerprint(model, fingerprint_version(want))
+    k = fingerprint_mismatch(want, have)
+    if k:
+        raise DataError(f"{ckpt}: checkpoint was made from another base model (its {k} fingerprint is "
+                        f"{want.get(k)}, this model's is {have.get(k)}); pass allow_other_base=true to resume anyway")
+
+
 def check_resume(ckpt: Path, saved: dict | None, now: dict, allow_other_base: bool) -> None:
     """Refuse to resume a checkpoint with settings that differ from this run's, naming each difference."""
     if saved is None:
@@ -294,6 +305,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
         params = full_plan(model)
+    check_in_memory(params)  # shared experts, non-expert modules, LoRA targets, full fine-tuning
     train_data, valid_data = load_data(cfg, tokenizer)
     log.info("train data: %s", train_data.stats.describe())
     record = run_record(cfg, expert_cfg, tokenizer, model_dtype, base_fp)
@@ -303,6 +315,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         model.config.use_cache = False
     masters = MasterWeights(params)  # fp32 twins of bf16/fp16 trainable tensors; fp32 ones are their own
     opt = make_optimizer(masters.parameters(), cfg)
+    # fp16 (unlike bf16) has a narrow range: small gradients flush to zero and large ones overflow, so
+    # its loss is scaled (dynamically; a step with inf/NaN gradients is skipped and the scale halved).
+    scaler = torch.amp.GradScaler(device.type, enabled=model_dtype == torch.float16)
 
     def lr_at(step: int) -> float:  # linear warmup, then constant (the paper's schedule)
         return cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
@@ -312,8 +327,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     ckpts = _checkpoints(out) if cfg.resume else []
     if ckpts:
         # Checked before anything is loaded or written: a mismatch leaves the run directory as it was.
-        check_resume(ckpts[-1], read_checkpoint_state(ckpts[-1]).get("run"), record, cfg.allow_other_base)
+        saved = read_checkpoint_state(ckpts[-1])
+        if saved.get("run") is None and saved.get("base_model") and not cfg.allow_other_base:
+            check_legacy_base(ckpts[-1], saved["base_model"], model)
+        check_resume(ckpts[-1], saved.get("run"), record, cfg.allow_other_base)
         state = {**load_checkpoint(ckpts[-1], masters, opt), "run": record}
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
         best = state["best_valid_loss"] if state.get("best_valid_loss") is not None else math.inf
         # An eval after the last checkpoint may have written a better adapter/ before the crash.
@@ -323,7 +343,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         log.info("resumed from %s at step %d", ckpts[-1], start)
         # The first run's config.yaml stays; this run's settings go beside it.
         (out / f"config.resumed-at-step-{start}.yaml").write_text(to_yaml(cfg))
-    if not (out / "config.yaml").exists():
+    else:  # a fresh run (also resume=true with no checkpoint yet: it starts over with these settings)
         (out / "config.yaml").write_text(to_yaml(cfg))
 
     writer = None
@@ -368,12 +388,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                              attention_mask=train_data.attention_mask[rows].to(device),
                              labels=train_data.labels[rows].to(device), use_cache=False,
                              num_items_in_batch=torch.tensor(max(n_items, 1), device=device))
-                out_.loss.backward()
+                scaler.scale(out_.loss).backward()
                 masters.accumulate()  # low-precision grads -> fp32 master grads, summed over micro-batches
                 step_loss += float(out_.loss.detach())
+            scaler.unscale_(opt)  # fp16 only: the masters' gradients back to true scale (checks inf/NaN)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
-            opt.step()
+            scaler.step(opt)  # = opt.step(), skipped by fp16 loss scaling when a gradient overflowed
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             masters.sync()
             last_loss = step_loss
@@ -397,6 +419,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                     save_best(done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 state["best_valid_loss"] = None if best == math.inf else best
+                state["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
                 save_checkpoint(out, done, masters, opt, state, cfg.keep_checkpoints)
     finally:
         bar.close()
