@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.conversations import ASSISTANT_PREFIX, USER_TEMPLATE, encode_reference, prompt_text
+from ..data.conversations import ASSISTANT_PREFIX, USER_TEMPLATE, encode_reference
 from ..io import DataError
 from ..models.loading import input_device
 

@@ -233,7 +233,7 @@ def check_resume(ckpt: Path, saved: dict | None, now: dict, allow_other_base: bo
     if diffs:
         raise DataError(f"{ckpt}: cannot resume, this run's settings differ from the ones the checkpoint was "
                         f"trained with:\n" + "\n".join(diffs) + "\nResume with the original settings (see "
-                        f"config.yaml in the output directory), or start a new output_dir / overwrite=true.")
+                        "config.yaml in the output directory), or start a new output_dir / overwrite=true.")
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
