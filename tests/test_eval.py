@@ -320,3 +320,37 @@ def test_eval_on_a_model_spread_by_a_device_map_equals_in_memory(tiny_dir, tmp_p
                             out=str(tmp_path / key)))
         rows[key] = (tmp_path / key / "predictions.jsonl").read_text()
     assert rows["spread"] == rows["memory"]
+
+
+# ---------------------------------------------------------------- templates recorded in merged checkpoints
+
+def test_a_merged_checkpoint_is_prompted_with_its_adapters_recorded_template(tiny_dir, tmp_path):
+    from esft.adapter.merge import merge_checkpoint
+    from esft.eval.generate import PromptFormat
+    from esft.eval.run import eval_format, merged_format
+
+    chat = _adapter(tiny_dir, tmp_path / "chat", {})
+    meta_file = tmp_path / "chat" / "esft_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["template"] = {"name": "chat", "chat_template": CHAT_TEMPLATE}  # as training a chat adapter records it
+    meta_file.write_text(json.dumps(meta))
+    merged = str(merge_checkpoint(tiny_dir / "model", chat, tmp_path / "merged").out)
+    record = json.loads((tmp_path / "merged" / "esft_merge.json").read_text())
+    assert record["template"] == {"name": "chat", "chat_template": CHAT_TEMPLATE}
+    assert merged_format(merged) == PromptFormat("chat", CHAT_TEMPLATE)
+    assert merged_format(str(tiny_dir / "model")) is None  # not a merge: unknown, auto = reference
+
+    data = _eval_file(tmp_path / "d.jsonl", [("Reverse: red cat", ["x"])])
+    assert eval_format(EvalConfig(model=merged, data=data)) == PromptFormat("chat", CHAT_TEMPLATE)
+    assert eval_format(EvalConfig(model=merged, data=data, template="chat")) == PromptFormat("chat", CHAT_TEMPLATE)
+    assert eval_format(EvalConfig(model=str(tiny_dir / "model"), data=data)) == PromptFormat("reference")
+    with pytest.raises(ValueError, match=rf"--template reference conflicts with merged checkpoint {merged}, which was "
+                                         "trained with template 'chat'"):
+        run_eval(EvalConfig(model=merged, data=data, template="reference"))
+    s = run_eval(EvalConfig(model=merged, data=data, max_new_tokens=4))
+    assert s["template"] == "chat" and s["model_kind"] == "base"
+
+    # merged before merges recorded the template: unknown, so auto is the reference template and nothing conflicts
+    del record["template"]
+    (tmp_path / "merged" / "esft_merge.json").write_text(json.dumps(record))
+    assert eval_format(EvalConfig(model=merged, data=data, template="reference")) == PromptFormat("reference")

@@ -326,3 +326,99 @@ def test_fp8_checkpoint_is_refused(tmp_path):
     _refused(base, adapter, tmp_path / "merged", CheckpointError,
              r"experts\.0\.down_proj\.weight is FP8-quantized \(F8_E4M3 with block scales .*weight_scale_inv\)\. "
              "esft merge does not re-quantize experts: merge into the bf16 checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes esft cannot interpret, the output's place, the prompt template
+
+
+def _with_extra_tensors(src, dst, extra):
+    """A copy of checkpoint ``src`` whose single model.safetensors also holds (or replaces) ``extra``."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    save_file({**tensors, **extra}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _raw(path, key):
+    """(dtype name, shape, raw bytes) of one tensor, read from the file itself."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    h = json.loads(data[8:8 + n])[key]
+    begin, end = h["data_offsets"]
+    return h["dtype"], h["shape"], data[8 + n + begin:8 + n + end]
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_tensors_of_unknown_dtypes_next_to_the_experts_are_copied_byte_for_byte(tiny_dir, tmp_path, dtype):
+    counts = torch.tensor([0, 1, 2**31 + 5, 2**32 - 1], dtype=torch.int64).to(torch.uint32)
+    extra = {"model.layers.1.mlp.expert_counts": counts,
+             "model.layers.1.mlp.scales_e8m0": torch.tensor([0.5, 1.0, 4.0]).to(torch.float8_e8m0fnu),
+             "model.layers.1.mlp.u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+             "model.layers.1.mlp.u64": torch.tensor([2**40, 3], dtype=torch.int64).to(torch.uint64)}
+    base = _with_extra_tensors(tiny_dir / "model", tmp_path / "base", extra)
+    adapter = _make_adapter(tiny_dir / "model", tmp_path / "adapter", SEL, extra_dense=False)
+    r = merge_checkpoint(base, adapter, tmp_path / "merged", dtype=dtype)
+    assert r.shards_rewritten == ["model.safetensors"]  # the shard holding the experts and the odd tensors
+    out = tmp_path / "merged" / "model.safetensors"
+    for key in extra:
+        assert _raw(out, key) == _raw(base / "model.safetensors", key), key
+    merged = load_file(str(out))
+    assert merged["model.layers.1.mlp.expert_counts"].dtype == torch.uint32
+    assert merged["model.layers.1.mlp.expert_counts"].to(torch.int64).tolist() == [0, 1, 2**31 + 5, 2**32 - 1]
+    k = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    want = load_file(str(adapter / "adapter.safetensors"))[k]
+    torch.testing.assert_close(merged[k].float(), want.to(merged[k].dtype).float())
+
+
+def test_a_tensor_of_an_unknown_dtype_that_must_be_read_is_refused_naming_it(tiny_dir, tmp_path):
+    from esft.adapter.shards import open_checkpoint, read_elements
+
+    key = "model.norm.weight"  # sampled by the base fingerprint: its elements must be interpreted
+    shape = load_file(str(tiny_dir / "model" / "model.safetensors"))[key].shape
+    base = _with_extra_tensors(tiny_dir / "model", tmp_path / "base", {key: torch.ones(shape, dtype=torch.uint32)})
+    adapter = _make_adapter(tiny_dir / "model", tmp_path / "adapter", SEL, extra_dense=False)
+    match = rf"{tmp_path / 'base' / 'model.safetensors'}: '{key}' is stored as U32, a safetensors dtype esft cannot"
+    _refused(base, adapter, tmp_path / "merged", CheckpointError, match)
+    info = open_checkpoint(base).tensors[key]
+    with pytest.raises(CheckpointError, match=match):
+        _ = info.torch_dtype
+    with pytest.raises(CheckpointError, match=match):
+        read_elements(0, info, [0])
+
+
+def test_out_containing_or_inside_the_base_is_refused(tiny_dir, tmp_path, capsys):
+    adapter = _make_adapter(tiny_dir / "model", tmp_path / "adapter", SEL, extra_dense=False)
+    root = tmp_path / "root"
+    base = root / "ckpts" / "base"
+    shutil.copytree(tiny_dir / "model", base)
+    before = sorted(p.name for p in base.iterdir())
+    for out in (root, root / "ckpts", root / "ckpts" / ".." / "ckpts"):
+        with pytest.raises(CheckpointError, match=r"contains the base checkpoint .*would delete the base"):
+            merge_checkpoint(base, adapter, out, overwrite=True)
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(root), "--overwrite"]) == 2
+    assert "contains the base checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="lies inside the base checkpoint"):
+        merge_checkpoint(base, adapter, base / "merged")
+    with pytest.raises(CheckpointError, match="is the base checkpoint itself"):
+        merge_checkpoint(base, adapter, root / "ckpts" / "base", overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == before  # the base is untouched, nothing written into it
+    merge_checkpoint(base, adapter, root / "ckpts" / "base-merged")  # a sibling whose name extends the base's: fine
+
+
+def test_the_adapters_prompt_template_is_recorded_in_the_merge(tiny_dir, tmp_path):
+    chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+    adapter = _make_adapter(tiny_dir / "model", tmp_path / "adapter", SEL, extra_dense=False)
+    meta_file = adapter / "esft_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    cases = [({"template": {"name": "chat", "chat_template": chat_template}}, {"name": "chat", "chat_template": chat_template}),
+             ({"train_config": {"template": "chat"}}, {"name": "chat", "chat_template": None}),  # older adapters
+             ({"template": {"name": "reference", "chat_template": None}}, {"name": "reference", "chat_template": None})]
+    for i, (edit, want) in enumerate(cases):
+        m = {k: v for k, v in meta.items() if k not in ("template", "train_config")}
+        meta_file.write_text(json.dumps({**m, **edit}))
+        out = merge_checkpoint(tiny_dir / "model", adapter, tmp_path / f"m{i}").out
+        assert json.loads((out / "esft_merge.json").read_text())["template"] == want
+    meta_file.unlink()  # reference-code adapter: trained on the reference template
+    out = merge_checkpoint(tiny_dir / "model", adapter, tmp_path / "ref").out
+    assert json.loads((out / "esft_merge.json").read_text())["template"] == {"name": "reference", "chat_template": None}

@@ -346,3 +346,49 @@ def test_serve_loads_the_base_through_a_device_map_and_refuses_disk_offload(tiny
     (tmp_path / "disk.json").write_text(json.dumps({m: ("disk" if m == "model.layers.1" else "cpu") for m in modules}))
     with pytest.raises(ValueError, match=r"the device map leaves \d+ tensors on disk \(e.g. model.layers.1."):
         start_engine(ServeConfig(model=str(tiny_dir / "model"), device="cpu", device_map=str(tmp_path / "disk.json")))
+
+
+def test_an_adapters_format_is_in_place_as_soon_as_it_is_routable_and_gone_if_its_load_fails(server, monkeypatch):
+    from esft.serving.server import _load
+
+    url, root, engine = server["url"], server["root"], server["engine"]
+    _make_adapter(root / "C3", SELS["A"], 5, CHAT_META)
+    weaver, rebuild = engine.weaver, engine.weaver._rebuild
+    seen = []
+
+    def watch():  # weaver.load: the name is routable (in weaver.names()) from here on
+        seen.append({n: engine.formats.get(n) for n in weaver.names()})
+        rebuild()
+
+    monkeypatch.setattr(weaver, "_rebuild", watch)
+    _load(engine, "c3", root / "C3")
+    try:
+        assert seen[-1]["c3"] is not None and seen[-1]["c3"].name == "chat"
+        assert all(f is not None for f in seen[-1].values())
+
+        # loading under a loaded name is refused and leaves its format alone
+        with pytest.raises(ValueError, match="already loaded"):
+            _load(engine, "c3", root / "A")
+        assert engine.formats["c3"].name == "chat"
+    finally:
+        _post(url + "/admin/adapters/c3", b"", token="adm1n", method="DELETE")
+    assert "c3" not in engine.formats
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(weaver, "_rebuild", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _load(engine, "c3", root / "C3")
+    assert "c3" not in weaver.names() and "c3" not in engine.formats
+    monkeypatch.setattr(weaver, "_rebuild", rebuild)
+    _make_adapter(root / "other", SELS["A"], 5)  # a bad adapter: refused by the weaver, no format left behind
+    meta = json.loads((root / "other" / "esft_adapter.json").read_text())
+    meta["base_model"]["weights"] = "0" * 16
+    (root / "other" / "esft_adapter.json").write_text(json.dumps(meta))
+    status, body = _post(url + "/admin/adapters", {"name": "o", "path": "other"}, token="adm1n")
+    assert status == 400 and "different base model" in json.dumps(body)
+    assert "o" not in weaver.names() and "o" not in engine.formats
+    # a name routable without a format (never set by the server) is refused, not given a guessed format
+    with pytest.raises(KeyError, match="no adapter named 'ghost'"):
+        engine.encode_chat([{"role": "user", "content": "hi"}], "ghost")

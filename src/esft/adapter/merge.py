@@ -70,13 +70,13 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
     cast = CASTS[dtype]
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
-    if out.resolve() == base.resolve():
-        raise CheckpointError(f"--out {out} is the base checkpoint itself: write the merged checkpoint elsewhere")
+    check_out_apart(base, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     ckpt = open_checkpoint(base)
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
     check_adapter_fits(adapter, ckpt, _family(base))
+    template = adapter_template(adapter)
     base_check = check_base_on_disk(adapter, base, allow_other_base)
 
     rewritten_shards, copied_shards, data_bytes = [], [], 0
@@ -103,11 +103,38 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
             "adapter_esft_version": adapter.meta.get("esft_version"),
             "adapter_format_version": adapter.meta.get("format_version"),
             "adapter_base_model": adapter.meta.get("base_model"), "base_check": base_check, "dtype": dtype,
+            "template": template,
             "rewritten": sorted(adapter.tensors), "shards_rewritten": rewritten_shards, "shards_copied": copied_shards,
         })
         _usual_modes(tmp)
     return MergeResult(out, sorted(adapter.tensors), rewritten_shards, copied_shards, base_check, data_bytes,
                        time.perf_counter() - t0)
+
+
+def check_out_apart(base: Path, out: Path) -> None:
+    """The output must not be the base, contain it, or lie inside it: replacing ``out`` (--overwrite) would
+    delete the base, and an output inside the base would be copied into later merges of it."""
+    b, o = base.resolve(), out.resolve()
+    if o == b:
+        raise CheckpointError(f"--out {out} is the base checkpoint itself: write the merged checkpoint elsewhere")
+    if o in b.parents:
+        raise CheckpointError(f"--out {out} contains the base checkpoint {base}: replacing it would delete the base; "
+                              "write the merged checkpoint elsewhere")
+    if b in o.parents:
+        raise CheckpointError(f"--out {out} lies inside the base checkpoint {base}: write the merged checkpoint "
+                              "outside it")
+
+
+def adapter_template(adapter: Adapter) -> dict:
+    """The prompt template the adapter was trained with, as esft_adapter.json records it (older adapters: read
+    from their training config; reference-code adapters: the reference template), for esft_merge.json."""
+    from ..eval.generate import recorded_format
+
+    try:
+        fmt = recorded_format(adapter.meta)
+    except ValueError as e:  # an unknown template name
+        raise AdapterError(f"{adapter.path}: esft_adapter.json records a bad prompt template ({e})") from None
+    return {"name": fmt.name, "chat_template": fmt.chat_template}
 
 
 def _family(base: Path) -> MoEFamily:

@@ -49,7 +49,13 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The torch dtype of the tensor's elements; CheckpointError for a dtype esft cannot interpret."""
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise CheckpointError(f"{self.file}: {self.key!r} is stored as {self.dtype}, a safetensors dtype esft "
+                                  f"cannot interpret (known: {', '.join(DTYPES)}); it can only be copied "
+                                  "unchanged") from None
 
     @property
     def numel(self) -> int:
@@ -180,22 +186,41 @@ def _copy_range(fin, fout, info: TensorInfo, out_dtype: torch.dtype) -> None:
             fout.write(tensor_bytes(torch.frombuffer(bytearray(buf), dtype=src).to(out_dtype)))
 
 
+def _copy_bytes(fin, fout, info: TensorInfo) -> None:
+    """Copy one tensor's bytes unchanged, in chunks (any dtype, also those esft cannot interpret)."""
+    fin.seek(info.start)
+    left = info.nbytes
+    while left:
+        buf = fin.read(min(_CHUNK, left))
+        if not buf:
+            raise CheckpointError(f"{info.file}: truncated file (reading {info.key!r})")
+        left -= len(buf)
+        fout.write(buf)
+
+
 def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
     """Write ``shard`` to ``out`` with the tensors in ``replace`` substituted; returns the data bytes.
 
     Keys, order and metadata are kept. A replacement is written in the base tensor's dtype (or
-    ``cast``); with ``cast`` every floating-point tensor is cast too. Memory: one chunk or one
+    ``cast``); with ``cast`` every floating-point tensor is cast too. Every other tensor is copied
+    byte for byte, whatever its dtype (U32, F8_E8M0, ... included). Memory: one chunk or one
     replacement tensor at a time.
     """
-    plan = []  # (info, output dtype)
+    plan = []  # (info, output dtype; None = copy the bytes unchanged)
     for info in shard.tensors.values():
-        plan.append((info, cast if cast is not None and info.dtype in FLOAT_DTYPES else info.torch_dtype))
+        if info.key in replace:
+            plan.append((info, cast if cast is not None else info.torch_dtype))
+        elif cast is not None and info.dtype in FLOAT_DTYPES and info.torch_dtype != cast:
+            plan.append((info, cast))
+        else:
+            plan.append((info, None))
     header, offset = {}, 0
     if shard.metadata:
         header["__metadata__"] = shard.metadata
     for info, dt in plan:
-        n = info.numel * dt.itemsize
-        header[info.key] = {"dtype": DTYPE_NAMES[dt], "shape": list(info.shape), "data_offsets": [offset, offset + n]}
+        n = info.nbytes if dt is None else info.numel * dt.itemsize
+        name = info.dtype if dt is None else DTYPE_NAMES[dt]
+        header[info.key] = {"dtype": name, "shape": list(info.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors itself writes it
@@ -205,6 +230,8 @@ def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast:
         for info, dt in plan:
             if info.key in replace:
                 fout.write(tensor_bytes(replace[info.key].detach().to("cpu", dt)))
+            elif dt is None:
+                _copy_bytes(fin, fout, info)
             else:
                 _copy_range(fin, fout, info, dt)
     return offset

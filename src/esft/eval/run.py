@@ -9,8 +9,8 @@ Inputs: a suite task name (its held-out eval split) or a JSONL file in either la
 Outputs: ``predictions.jsonl`` (prompt, references, prediction, correct-or-score per example)
 and ``summary.json``; ``--general`` adds the held-out general-ability score.
 
-The prompt format is the adapter's (recorded in its esft_adapter.json at training time), the
-reference template for a bare checkpoint; prompts that do not fit the model's context with room
+The prompt format is the adapter's (recorded in its esft_adapter.json at training time, and in
+esft_merge.json by esft merge), the reference template for a bare checkpoint; prompts that do not fit the model's context with room
 for ``max_new_tokens`` are counted and refused, left-truncated or skipped (``overlong``).
 """
 
@@ -41,8 +41,9 @@ class EvalConfig:
     judge_url: str | None = field(default=None, metadata={"help": "optional OpenAI-compatible endpoint of a judge model"})
     judge_model: str | None = field(default=None, metadata={"help": "judge model name on that endpoint"})
     judge_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the judge's key"})
-    template: str = field(default="auto", metadata={"help": "prompt format: auto (the adapter's recorded one; "
-                                                    "reference for a bare checkpoint), reference or chat"})
+    template: str = field(default="auto", metadata={"help": "prompt format: auto (the adapter's recorded one, "
+                                                    "or a merged checkpoint's; reference for a bare checkpoint), "
+                                                    "reference or chat"})
     overlong: str = field(default="refuse", metadata={"help": "prompts longer than the context (minus max_new_tokens): "
                                                       "refuse, truncate (keep their last tokens) or skip"})
     device_map: str | dict | None = field(default=None, metadata={"help": "spread the model over devices: auto, cpu, "
@@ -103,6 +104,33 @@ def adapter_format(adapter: str) -> PromptFormat | None:
     return recorded_format(meta)  # no metadata: a reference-code adapter, trained on the reference template
 
 
+def merged_format(model_dir: str) -> PromptFormat | None:
+    """The prompt format recorded in a merged checkpoint's esft_merge.json (its adapter's); None when the
+    directory is not an esft merge or was merged before merges recorded it (then: unknown)."""
+    from ..adapter.merge import MERGE_RECORD
+    from .generate import recorded_format
+
+    f = Path(model_dir) / MERGE_RECORD if model_dir else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not a JSON file ({e})") from None
+    rec = record.get("template") if isinstance(record, dict) else None
+    return recorded_format({"template": rec}) if isinstance(rec, dict) else None
+
+
+def eval_format(cfg: EvalConfig) -> PromptFormat:
+    """The prompt format for ``cfg``: --template against what the adapter (or, without one, the merged
+    checkpoint) was trained with; a contradiction raises ValueError."""
+    from .generate import choose_format
+
+    if cfg.adapter:
+        return choose_format(cfg.template, adapter_format(cfg.adapter), f"adapter {cfg.adapter}")
+    return choose_format(cfg.template, merged_format(cfg.model), f"merged checkpoint {cfg.model}")
+
+
 def load_for_eval(model_dir: str, adapter: str | None, device_map=None):
     """(model, tokenizer, kind) for a checkpoint, optionally with an ESFT or PEFT adapter on top."""
     from ..adapter.io import attach_adapter
@@ -126,10 +154,10 @@ def load_for_eval(model_dir: str, adapter: str | None, device_map=None):
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     from ..tasks import METRICS, generate_split, get_task
-    from .generate import choose_format, context_of, encode_prompts, general_ability, generate_ids
+    from .generate import context_of, encode_prompts, general_ability, generate_ids
 
     # the format is settled before loading anything: a conflicting --template fails at once
-    fmt = choose_format(cfg.template, adapter_format(cfg.adapter) if cfg.adapter else None, f"adapter {cfg.adapter}")
+    fmt = eval_format(cfg)
     kind = "given"
     if model is None:
         model, tokenizer, kind = load_for_eval(cfg.model, cfg.adapter, cfg.device_map)

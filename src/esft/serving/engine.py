@@ -111,7 +111,12 @@ class Engine:
             clean.append({"role": m["role"], "content": c})
         if not clean or clean[-1]["role"] != "user":
             raise RequestError("the last message must have role 'user'")
-        fmt = self.base_format if adapter is None else self.formats.get(adapter, PromptFormat())
+        if adapter is None:
+            fmt = self.base_format
+        elif adapter in self.formats:
+            fmt = self.formats[adapter]
+        else:  # never guess a format: the server sets it before an adapter is routable, removes it on unload
+            raise KeyError(f"no adapter named {adapter!r} (loaded: {', '.join(self.formats) or 'none'})")
         if fmt.name == "reference":
             return fmt.encode_chat(self.tok, clean)
         from jinja2 import TemplateError  # chat templates are rendered with jinja2 anyway

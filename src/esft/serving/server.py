@@ -274,8 +274,15 @@ def _load(engine: Engine, name: str, path: Path, template: str = "auto") -> None
     if fmt.name == "chat":
         fmt.template_for(engine.tok)  # refuse now, not at its first request, if there is no chat template
     with engine.lock:
-        engine.weaver.load(name, adapter)
+        if name in engine.weaver.names():
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        # the format is in place before the name becomes routable (weaver.load), and gone if the load fails
         engine.formats[name] = fmt
+        try:
+            engine.weaver.load(name, adapter)
+        except BaseException:
+            engine.formats.pop(name, None)
+            raise
 
 
 def base_format(template: str, tokenizer):
