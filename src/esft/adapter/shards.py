@@ -169,10 +169,13 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _copy_range(fin, fout, info: TensorInfo, out_dtype: torch.dtype) -> None:
-    """Copy one tensor's bytes in chunks, casting each chunk if ``out_dtype`` differs (elementwise, so chunks suffice)."""
-    src = info.torch_dtype
-    chunk = _CHUNK - _CHUNK % src.itemsize
+def _copy_range(fin, fout, info: TensorInfo, out_dtype: torch.dtype | None = None) -> None:
+    """Copy one tensor's bytes in chunks; with ``out_dtype`` each chunk is cast (elementwise, so chunks suffice).
+
+    ``out_dtype=None`` copies the bytes unchanged, whatever the dtype (also ones esft cannot interpret).
+    """
+    src = info.torch_dtype if out_dtype is not None else None
+    chunk = _CHUNK - _CHUNK % src.itemsize if src is not None else _CHUNK
     fin.seek(info.start)
     left = info.nbytes
     while left:
@@ -180,22 +183,10 @@ def _copy_range(fin, fout, info: TensorInfo, out_dtype: torch.dtype) -> None:
         if not buf:
             raise CheckpointError(f"{info.file}: truncated file (reading {info.key!r})")
         left -= len(buf)
-        if out_dtype == src:
+        if src is None or out_dtype == src:
             fout.write(buf)
         else:
             fout.write(tensor_bytes(torch.frombuffer(bytearray(buf), dtype=src).to(out_dtype)))
-
-
-def _copy_bytes(fin, fout, info: TensorInfo) -> None:
-    """Copy one tensor's bytes unchanged, in chunks (any dtype, also those esft cannot interpret)."""
-    fin.seek(info.start)
-    left = info.nbytes
-    while left:
-        buf = fin.read(min(_CHUNK, left))
-        if not buf:
-            raise CheckpointError(f"{info.file}: truncated file (reading {info.key!r})")
-        left -= len(buf)
-        fout.write(buf)
 
 
 def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
@@ -231,7 +222,7 @@ def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast:
             if info.key in replace:
                 fout.write(tensor_bytes(replace[info.key].detach().to("cpu", dt)))
             elif dt is None:
-                _copy_bytes(fin, fout, info)
+                _copy_range(fin, fout, info)
             else:
                 _copy_range(fin, fout, info, dt)
     return offset
