@@ -221,8 +221,6 @@ def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast:
         for info, dt in plan:
             if info.key in replace:
                 fout.write(tensor_bytes(replace[info.key].detach().to("cpu", dt)))
-            elif dt is None:
-                _copy_range(fin, fout, info)
             else:
-                _copy_range(fin, fout, info, dt)
+                _copy_range(fin, fout, info, dt)  # dt None: the bytes as they are
     return offset
