@@ -24,7 +24,6 @@ adapter file.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,6 +36,50 @@ from ..models.registry import MoEFamily, base_experts, get_family, moe_layers
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
+def expert_rows(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Rows ``ids`` of a fused expert tensor [E, ...] -> a plain tensor [len(ids), ...] on every rank.
+
+    A tensor sharded over ranks (a DTensor: FSDP2 or expert parallelism, rows split along dim 0) is
+    never gathered whole: each selected row is filled in by the first rank that holds it and summed
+    over the ranks (adding zeros is exact), so the cost is the selected rows only.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.index_select(0, torch.tensor(ids, dtype=torch.long, device=t.device)).clone()
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = t.device_mesh
+    if mesh.size() != dist.get_world_size():
+        raise NotImplementedError(f"expert tensors sharded over a sub-mesh of {mesh.size()} of "
+                                  f"{dist.get_world_size()} ranks (e.g. pipeline parallelism) are not supported")
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+    if tuple(shape[1:]) != tuple(t.shape[1:]):
+        raise NotImplementedError(f"expert tensors sharded along a dim other than the experts' ({t.placements})")
+    spans = [None] * dist.get_world_size()  # every rank's (first row, row count)
+    dist.all_gather_object(spans, (offset[0], shape[0]))
+    me = dist.get_rank()
+    out = torch.zeros((len(ids), *t.shape[1:]), dtype=local.dtype, device=local.device)
+    for slot, e in enumerate(ids):
+        owner = next(r for r, (start, n) in enumerate(spans) if start <= e < start + n)
+        if owner == me:
+            out[slot] = local[e - offset[0]]
+    dist.all_reduce(out)
+    return out
+
+
+def _unwrapped_class(module: nn.Module) -> type:
+    """The model's own class of a module, also when FSDP2's fully_shard replaced it by a subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    return cls
+
+
 def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
     """A shallow copy of a fused experts module that owns only rows ``ids`` of its weights."""
     names = {n for n, _ in experts.named_parameters(recurse=False)}
@@ -45,7 +88,11 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
             f"{type(experts).__name__} has parameters {sorted(names)}; ESFT supports fused experts with "
             f"exactly {EXPERT_PARAMS} (no biases)"
         )
-    sub = copy.copy(experts)
+    # A shallow copy of the plain class: FSDP2 (fully_shard) swaps in a subclass whose __new__ re-runs
+    # __init__, and the copy must not be FSDP-managed anyway (its rows are replicated, see expert_rows).
+    cls = _unwrapped_class(experts)
+    sub = cls.__new__(cls)
+    sub.__dict__.update(experts.__dict__)
     # copy.copy shares the registries of the original; give the copy its own.
     sub._parameters = OrderedDict()
     sub._buffers = OrderedDict(experts._buffers)
@@ -56,9 +103,8 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
     # module through its device hook; the copy must run its own class forward on its own weights.
     for attr in ("forward", "_hf_hook", "_old_forward"):
         sub.__dict__.pop(attr, None)
-    idx = torch.tensor(ids, dtype=torch.long, device=experts.gate_up_proj.device)
     for n in EXPERT_PARAMS:
-        setattr(sub, n, nn.Parameter(getattr(experts, n).detach().index_select(0, idx).clone()))
+        setattr(sub, n, nn.Parameter(expert_rows(getattr(experts, n).detach(), ids)))
     sub.num_experts = len(ids)
     return sub
 
@@ -103,8 +149,11 @@ class ESFTExperts(nn.Module):
         return out.index_add(0, tok, y.to(out.dtype))
 
     def _frozen(self, hidden_states, top_k_index, top_k_weights):
-        eager = getattr(type(self.base).forward, "__wrapped__", None)
-        if eager is not None and hidden_states.device.type == "cpu" and hidden_states.requires_grad:
+        eager = getattr(_unwrapped_class(self.base).forward, "__wrapped__", None)
+        # Hooks (FSDP2 unsharding, expert-parallel token dispatch, accelerate offload) run only through
+        # the module call: with any of them, the frozen half must go through it.
+        hooked = bool(self.base._forward_pre_hooks or self.base._forward_hooks)
+        if eager is not None and not hooked and hidden_states.device.type == "cpu" and hidden_states.requires_grad:
             # transformers' CPU fallback for grouped_mm always computes (and allocates) the weight
             # gradient of all E experts, frozen or not; the model's own eager loop computes only the
             # input gradient here, which is all that frozen experts need.
