@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def cmd_train(a) -> int:
 
     cfg = build_config(TrainConfig, a.config, a.overrides)
     res = train(cfg, progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for the job
+        return 0
     _table("training", ["what", "value"], [
         ["method", cfg.method], ["steps", res.steps], ["last train loss", f"{res.train_loss:.4f}"],
         ["best valid loss", "-" if res.best_valid_loss is None else f"{res.best_valid_loss:.4f}"],
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     from .embedded import EmbeddedModelError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 logs progress
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet_rank else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -94,7 +94,7 @@ def input_device(model) -> torch.device:
 
 
 def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", with_tokenizer: bool = True,
-               device_map=None, offload_folder: str | None = None):
+               device_map=None, offload_folder: str | None = None, distributed_config=None):
     """(model, tokenizer) from a local checkpoint directory; checks it is a supported MoE family.
 
     Weights are loaded straight onto their device(s): ``device_map`` (see :func:`parse_device_map`)
@@ -111,6 +111,8 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     dm = parse_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, device if dm is None else resolve_device("auto"))
     kwargs = {"device_map": dm if dm is not None else device}
+    if distributed_config is not None:  # torchrun: transformers shards the model itself (FSDP2 / EP)
+        kwargs = {"distributed_config": distributed_config}
     if isinstance(dm, dict) and "disk" in dm.values():
         kwargs["offload_folder"] = offload_folder or _offload_dir()
     try:

@@ -40,6 +40,11 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:1, ... (where the whole model goes when device_map is unset)")
     device_map: str | None = _f(None, "spread the model over devices: auto, balanced, or a JSON file {module: device}; "
                                 "layers mapped to disk can be run through but not trained")
+    fsdp_size: int = _f(0, "under torchrun: processes the frozen model is sharded over by FSDP2 (0 = all of them)")
+    ep_size: int = _f(1, "under torchrun: expert parallelism, processes the routed experts are split over (divides "
+                      "the number of processes and of experts)")
+    dist_timeout_s: int = _f(600, "under torchrun: seconds a collective waits for the other processes before the "
+                             "job fails with an error (a crashed rank never leaves the others hanging longer)")
     adapter_dtype: str = _f("base", "dtype of the saved adapter: base (the base checkpoint's, e.g. bf16) or float32 "
                             "(the fp32 master weights as trained)")
     seed: int = _f(5934875, "seed for data order and validation split")

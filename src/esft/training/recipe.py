@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter.fingerprint import model_fingerprint
+from ..adapter.fingerprint import checkpoint_fingerprint, model_fingerprint
 from ..adapter.io import save_adapter
 from ..config import to_yaml
 from ..data.conversations import load_examples
@@ -38,6 +39,7 @@ from ..models.loading import checkpoint_dtype, input_device, load_model
 from ..selection.select import read_expert_config
 from .config import TrainConfig
 from .experts import TrainablePlan, apply_esft, check_in_memory
+from .distributed import check_expert_counts, distributed_config, setup
 from .precision import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -236,7 +238,8 @@ def check_resume(ckpt: Path, saved: dict | None, now: dict, allow_other_base: bo
                         "config.yaml in the output directory), or start a new output_dir / overwrite=true.")
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
+def prepare_output_dir(cfg: TrainConfig, writer: bool = True) -> Path:
+    """Check the output directory (every process, so all refuse alike) and, in ``writer`` only, prepare it."""
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()):
         if cfg.resume:
@@ -244,10 +247,12 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         if not cfg.overwrite:
             raise FileExistsError(f"{out} exists and is not empty: pass overwrite=true to replace it "
                                   f"or resume=true to continue its training")
-        shutil.rmtree(out)
-    elif cfg.resume:
+        if writer:
+            shutil.rmtree(out)
+    elif cfg.resume and writer:
         log.warning("resume=true but %s holds no run yet: starting fresh", out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -284,13 +289,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     """Run the recipe. ``model``/``tokenizer`` may be passed in (tests, benchmarks) instead of loaded."""
     from tqdm.auto import tqdm
 
-    out = prepare_output_dir(cfg)
+    job = setup(cfg)  # torchrun: join the process group; alone: world size 1, every collective a no-op
+    out = prepare_output_dir(cfg, writer=job.main)
+    job.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if model is None:
+    if model is None and job.enabled:
+        check_expert_counts(cfg.model, cfg.ep_size)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
+                                      distributed_config=distributed_config(cfg, job.world))
+    elif model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     device = input_device(model)
-    base_fp = model_fingerprint(model)
+    # Sharded weights: the same fingerprint, read from the checkpoint's files.
+    base_fp = checkpoint_fingerprint(cfg.model) if job.enabled else model_fingerprint(model)
     model_dtype = next(model.parameters()).dtype
     save_dtype = adapter_dtype(cfg, model)
 
@@ -325,7 +337,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     start, best = 0, math.inf
     state = {"best_valid_loss": None, "base_model": base_fp, "run": record}
     ckpts = _checkpoints(out) if cfg.resume else []
-    if ckpts:
+    if ckpts:  # every rank reads the same (replicated) state; rank 0 alone writes
         # Checked before anything is loaded or written: a mismatch leaves the run directory as it was.
         saved = read_checkpoint_state(ckpts[-1])
         if saved.get("run") is None and saved.get("base_model") and not cfg.allow_other_base:
@@ -342,22 +354,27 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             best = min(best, json.loads(saved.read_text()).get("valid_loss") or math.inf)
         log.info("resumed from %s at step %d", ckpts[-1], start)
         # The first run's config.yaml stays; this run's settings go beside it.
-        (out / f"config.resumed-at-step-{start}.yaml").write_text(to_yaml(cfg))
-    else:  # a fresh run (also resume=true with no checkpoint yet: it starts over with these settings)
+        if job.main:
+            (out / f"config.resumed-at-step-{start}.yaml").write_text(to_yaml(cfg))
+    elif job.main:  # a fresh run (also resume=true with no checkpoint yet: it starts over with these settings)
         (out / "config.yaml").write_text(to_yaml(cfg))
 
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and job.main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"), purge_step=start or None)
-    log_file = open(out / "train_log.jsonl", "a")
+    log_file = open(out / "train_log.jsonl", "a") if job.main else open(os.devnull, "w")
     meta = {"method": cfg.method, "train_config": asdict(cfg), "template": template_meta(cfg, tokenizer),
             "trained_dtype": str(model_dtype).removeprefix("torch.")}
 
     def write_adapter(where: Path, step: int, **extra):
+        if not job.main:  # replicated tensors: one writer
+            return
         save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=masters.masters)
 
     def save_best(step: int):
+        if not job.main:
+            return
         if plan is not None:
             write_adapter(out / "adapter", step, valid_loss=best)
         elif cfg.method == "lora":
@@ -372,7 +389,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     t0 = time.perf_counter()
     loss_ema, last_loss = None, float("nan")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and job.main), dynamic_ncols=True)
     try:
         for step in bar:
             for group in opt.param_groups:
@@ -384,6 +401,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             # step's total number of predicted tokens, so accumulation equals one big batch.
             n_items = sum(int((train_data.labels[r][:, 1:] != -100).sum()) for r in micro_rows)
             for rows in micro_rows:
+                rows = job.rows(rows)  # this rank's share; n_items counts the whole micro-batch
                 out_ = model(input_ids=train_data.input_ids[rows].to(device),
                              attention_mask=train_data.attention_mask[rows].to(device),
                              labels=train_data.labels[rows].to(device), use_cache=False,
@@ -391,6 +409,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 scaler.scale(out_.loss).backward()
                 masters.accumulate()  # low-precision grads -> fp32 master grads, summed over micro-batches
                 step_loss += float(out_.loss.detach())
+            step_loss = job.sum(step_loss)  # each rank's loss is its share of the global token-mean
+            job.sum_grads(masters.parameters())  # replicated trainable copy: sum its gradient over ranks
             scaler.unscale_(opt)  # fp16 only: the masters' gradients back to true scale (checks inf/NaN)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
@@ -417,7 +437,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 if vloss < best:  # NaN (nothing to score) never counts as best
                     best = vloss
                     save_best(done)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            if ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps) and job.main:
                 state["best_valid_loss"] = None if best == math.inf else best
                 state["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
                 save_checkpoint(out, done, masters, opt, state, cfg.keep_checkpoints)
@@ -433,7 +453,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if valid_data is None:
             write_adapter(out / "adapter", cfg.steps)
         adapter_dir = str(out / "adapter")
-    else:  # full: a whole checkpoint; lora: the PEFT adapter directory
+    elif job.main:  # full: a whole checkpoint; lora: the PEFT adapter directory
         with atomic_dir(out / "last") as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
@@ -442,6 +462,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 with atomic_dir(out / "adapter") as tmp:
                     model.save_pretrained(str(tmp))
             adapter_dir = str(out / "adapter")
+    job.barrier()  # every rank returns once rank 0 has written everything
     return TrainResult(
         output_dir=str(out), steps=cfg.steps, train_loss=last_loss,
         best_valid_loss=None if best == math.inf else best,

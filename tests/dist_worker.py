@@ -1,0 +1,77 @@
+"""Run under torchrun by tests/test_distributed.py: ESFT training on every rank, then per-rank checks.
+
+    torchrun --nproc_per_node=2 tests/dist_worker.py RESULT_DIR MODE key=value ...
+
+MODE "train": train, then check that every frozen tensor's local shard is bit-identical to before
+and that a gradient missing on one rank (no token reached its expert there) still sums without a
+hang; writes RESULT_DIR/rank-R.json. MODE "crash": rank 1 raises during its 3rd training forward.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def main():
+    from esft.config import build_config
+    from esft.models.loading import load_model
+    from esft.training.config import TrainConfig
+    from esft.training.distributed import distributed_config, setup
+    from esft.training.recipe import train
+
+    result_dir, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    cfg = build_config(TrainConfig, None, overrides)
+    job = setup(cfg)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
+                            distributed_config=distributed_config(cfg, job.world))
+    before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+    if mode == "crash" and job.rank == 1:
+        calls = {"n": 0}
+        orig = model.forward
+
+        def crash(*a, **k):
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise RuntimeError("rank 1 crashed on purpose")
+            return orig(*a, **k)
+
+        model.forward = crash
+    res = train(cfg, model=model, tokenizer=tok, progress=False)
+
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # the root keeps its weights gathered after the last forward: shard back
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    changed = []
+    for n, p in model.named_parameters():
+        if ".experts.trained." in n:
+            continue
+        key = n.replace(".experts.base.", ".experts.")
+        now = local(p).detach()
+        if now.shape != before[key].shape or not torch.equal(now, before[key]):
+            changed.append(f"{key} {tuple(before[key].shape)} -> {tuple(now.shape)}")
+    # A rank whose tokens never reached an expert has no gradient for it: the sum must not hang.
+    g = torch.nn.Parameter(torch.zeros(3))
+    g.grad = None if job.rank == 1 else torch.full((3,), float(job.rank + 1))
+    job.sum_grads([g])
+    result_dir.mkdir(parents=True, exist_ok=True)
+    (result_dir / f"rank-{job.rank}.json").write_text(json.dumps({
+        "rank": job.rank, "world": job.world, "frozen_changed": changed, "frozen_checked": len(before),
+        "sum_with_missing_grad": g.grad.tolist(), "train_loss": res.train_loss,
+        "sharded": sum(hasattr(p, "to_local") for p in model.parameters()),
+    }))
+
+
+if __name__ == "__main__":
+    main()
