@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/dist_worker.py RESULT_DIR MODE key=value ...
 
-MODE "train": train, then check that every frozen tensor's local shard is bit-identical to before
+MODE "profile": run_profile with ProfileConfig keys. MODE "train": train, then check that every frozen tensor's local shard is bit-identical to before
 and that a gradient missing on one rank (no token reached its expert there) still sums without a
 hang; writes RESULT_DIR/rank-R.json. MODE "crash": rank 1 raises during its 3rd training forward.
 """
@@ -29,6 +29,11 @@ def main():
     from esft.training.recipe import train
 
     result_dir, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    if mode == "profile":  # `esft profile` under torchrun: ranks split the batches, scores are summed
+        from esft.profiling.run import ProfileConfig, run_profile
+
+        run_profile(build_config(ProfileConfig, None, overrides), progress=False)
+        return
     cfg = build_config(TrainConfig, None, overrides)
     job = setup(cfg)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=job.device,

@@ -117,3 +117,21 @@ def test_layouts_that_do_not_fit_are_refused(tiny_dir, tmp_path):
         check_layout(cfg(method="full", expert_config=None), 2)
     with pytest.raises(ValueError, match="ep_size=3 does not divide the model's 16 routed experts"):
         check_expert_counts(str(tiny_dir / "model"), 3)
+
+
+def test_distributed_profile_equals_one_process(tiny_dir, tmp_path):
+    """7 batches over 2 ranks (4 + 3 and one padding batch that does not count): same scores."""
+    from esft.profiling.run import ProfileConfig, run_profile
+
+    kw = dict(model=str(tiny_dir / "model"), data=str(tiny_dir / "train.jsonl"), max_tokens=1500, seq_len=128,
+              batch_size=2, dtype="float32", device="cpu")
+    run_profile(ProfileConfig(out=str(tmp_path / "one.json"), **kw), progress=False)
+    res = torchrun(tmp_path / "ranks", "profile", dict(kw, out=str(tmp_path / "two.json")))
+    assert res.returncode == 0, res.stderr[-4000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (two["meta"]["num_tokens"], two["meta"]["num_sequences"]) == (one["meta"]["num_tokens"],
+                                                                       one["meta"]["num_sequences"]) == (1500, 13)
+    assert two["selection_counts"] == one["selection_counts"]
+    for kind in ("token_scores", "gate_scores"):
+        for layer, row in one[kind].items():
+            assert two[kind][layer] == pytest.approx(row, abs=1e-12)

@@ -125,6 +125,18 @@ class RouterObserver:
 
         return hook
 
+    def reduce(self, job) -> None:
+        """Sum this rank's statistics with the other ranks' (``job``: training.distributed.Dist)."""
+        if not job.enabled:
+            return
+        import torch.distributed as dist
+
+        for _, st in sorted(self.stats.items()):  # every rank has every layer: each ran >= 1 forward
+            for t in (st.gate_sum, st.token_sum, st.counts):
+                dist.all_reduce(t)
+        self.num_sequences = int(job.sum(self.num_sequences))
+        self.num_tokens = int(job.sum(self.num_tokens))
+
     def result(self, meta: dict | None = None) -> RoutingProfile:
         if self.num_sequences == 0:
             raise RuntimeError("no tokens were profiled")
@@ -146,15 +158,22 @@ class RouterObserver:
 
 
 @torch.no_grad()
-def profile_routing(model, batches, progress=None) -> RoutingProfile:
-    """Run ``model`` over ``batches`` (dicts with input_ids and attention_mask [B, T]) and score experts."""
+def profile_routing(model, batches, progress=None, job=None) -> RoutingProfile:
+    """Run ``model`` over ``batches`` (dicts with input_ids and attention_mask [B, T]) and score experts.
+
+    A batch may carry ``count_mask`` [B, T] (default: its attention mask): the tokens that count. Under
+    torchrun (``job``), each rank runs its share of the batches and the sums are added up at the end.
+    """
     model.eval()
     with RouterObserver(model) as obs:
         for batch in batches:
-            obs.begin_batch(batch["attention_mask"])
+            count = batch.get("count_mask", batch["attention_mask"])
+            obs.begin_batch(count)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             if progress is not None:
-                progress(int(batch["attention_mask"].sum()))
+                progress(int(count.sum()))
+        if job is not None:
+            obs.reduce(job)
         return obs.result()
 
 

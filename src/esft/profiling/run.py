@@ -12,6 +12,7 @@ from ..data.conversations import load_examples
 from ..data.packing import pack
 from ..io import DataError, write_json_atomic
 from ..models.loading import input_device, load_model
+from ..training.distributed import DistributedConfig, join
 from .profiler import RoutingProfile, profile_routing
 
 
@@ -64,18 +65,34 @@ def profile_batches(data_path: str, tokenizer, seq_len: int, max_tokens: int, ba
 def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool = True) -> RoutingProfile:
     from tqdm.auto import tqdm
 
-    if model is None:
+    job = join(cfg.device)  # under torchrun: FSDP2 over every process, batches split over them
+    if model is None and job.enabled:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
+                                      distributed_config=DistributedConfig(fsdp_size=job.world))
+    elif model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     device = input_device(model)
     batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in share(batches, job)]
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="tok", desc="profile", disable=not progress, dynamic_ncols=True) as bar:
-        prof = profile_routing(model, batches, progress=bar.update)
+    with tqdm(total=total, unit="tok", desc="profile", disable=not (progress and job.main), dynamic_ncols=True) as bar:
+        prof = profile_routing(model, batches, progress=bar.update, job=job)
     seconds = time.perf_counter() - t0
     prof.meta.update({"data": str(cfg.data), "model": str(cfg.model), "seq_len": cfg.seq_len,
                       "template": cfg.template, "seconds": round(seconds, 3),
                       "tokens_per_second": round(prof.num_tokens / max(seconds, 1e-9), 1)})
-    if cfg.out:
+    if cfg.out and job.main:
         write_json_atomic(Path(cfg.out), prof.to_summary())
+    job.barrier()
     return prof
+
+
+def share(batches: list[dict], job) -> list[dict]:
+    """This rank's batches: round-robin, padded so that every rank runs the same number of forwards
+    (FSDP's collectives need all of them); a padding batch repeats real tokens that do not count."""
+    if not job.enabled:
+        return batches
+    mine = batches[job.rank::job.world]
+    while len(mine) < -(-len(batches) // job.world):
+        mine.append({**batches[0], "count_mask": torch.zeros_like(batches[0]["attention_mask"])})
+    return mine

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from transformers.distributed import DistributedConfig
 
 
 @dataclass
@@ -83,24 +84,30 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(cfg) -> Dist:
-    """Join the torchrun job (gloo on CPU, NCCL on CUDA) and check the parallel layout; a no-op alone."""
+def join(device: str = "auto", timeout_s: int = 600) -> Dist:
+    """Join the torchrun job (gloo on CPU, NCCL on CUDA); alone, a world of one."""
     if not launched_by_torchrun():
-        if cfg.fsdp_size > 1 or cfg.ep_size > 1:
-            raise ValueError(f"fsdp_size={cfg.fsdp_size} / ep_size={cfg.ep_size} need several processes: launch with "
-                             "torchrun --nproc_per_node=N -m esft train ... (see the README)")
         return Dist()
     import torch.distributed as dist
 
     world, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    device = f"cuda:{local}" if cuda else "cpu"
+    cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    check_layout(cfg, world)
-    return Dist(rank, world, device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, f"cuda:{local}" if cuda else "cpu")
+
+
+def setup(cfg) -> Dist:
+    """``join`` for training, with the parallel layout of ``cfg`` (a TrainConfig) checked."""
+    if not launched_by_torchrun() and (cfg.fsdp_size > 1 or cfg.ep_size > 1):
+        raise ValueError(f"fsdp_size={cfg.fsdp_size} / ep_size={cfg.ep_size} need several processes: launch with "
+                         "torchrun --nproc_per_node=N -m esft train ... (see the README)")
+    job = join(cfg.device, cfg.dist_timeout_s)
+    if job.enabled:
+        check_layout(cfg, job.world)
+    return job
 
 
 def check_layout(cfg, world: int) -> None:
@@ -120,8 +127,6 @@ def check_layout(cfg, world: int) -> None:
 
 def distributed_config(cfg, world: int):
     """transformers' DistributedConfig for this job (FSDP2 over every rank, expert parallelism if asked)."""
-    from transformers.distributed import DistributedConfig
-
     kw = {"fsdp_size": cfg.fsdp_size or world}
     if cfg.ep_size > 1:
         kw["ep_size"] = cfg.ep_size
