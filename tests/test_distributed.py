@@ -77,6 +77,9 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
         assert rank["world"] == 2 and rank["sharded"] > 0  # the frozen model really is sharded
         assert rank["frozen_checked"] > 20 and rank["frozen_changed"] == []  # bit-identical on every rank
         assert rank["sum_with_missing_grad"] == [1.0, 1.0, 1.0]  # rank 1 had none: zeros, no hang
+        # AdamW state per rank: two fp32 moments of the selected experts only (3 + 1 experts of 2 layers)
+        assert rank["trainable_params"] == 4 * (64 * 64 + 64 * 32)
+        assert rank["optimizer_state_bytes"] == 2 * 4 * rank["trainable_params"]
     meta = json.loads((tmp_path / "dist" / "last" / "esft_adapter.json").read_text())
     assert meta["base_model"]["version"] == 2  # read from the shards, as a single process computes it
 
