@@ -35,9 +35,9 @@ def _settings(tiny_dir, out, **kw):
     return s
 
 
-def torchrun(result_dir, mode, settings, timeout=240):
+def torchrun(result_dir, mode, settings, timeout=240, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
            str(result_dir), mode] + [f"{k}={v}" for k, v in settings.items()]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -82,6 +82,18 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
         assert rank["optimizer_state_bytes"] == 2 * 4 * rank["trainable_params"]
     meta = json.loads((tmp_path / "dist" / "last" / "esft_adapter.json").read_text())
     assert meta["base_model"]["version"] == 2  # read from the shards, as a single process computes it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep_size", [1, 2, 4], ids=["fsdp4", "ep2+fsdp4", "ep4+fsdp4"])
+def test_four_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
+    """4 processes on 2 cores (slow: run with -m slow)."""
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "dist", ep_size=ep_size), nproc=4,
+                   timeout=500)
+    assert res.returncode == 0, res.stderr[-4000:]
+    _assert_same_run(single, tmp_path / "dist")
+    for r in range(4):
+        assert json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text())["frozen_changed"] == []
 
 
 def test_resume_on_another_number_of_processes(tiny_dir, tmp_path, single):
