@@ -75,6 +75,7 @@ def main():
         "rank": job.rank, "world": job.world, "frozen_changed": changed, "frozen_checked": len(before),
         "sum_with_missing_grad": g.grad.tolist(), "train_loss": res.train_loss,
         "optimizer_state_bytes": res.optimizer_state_bytes, "trainable_params": res.trainable_params,
+        "master_weight_bytes": res.master_weight_bytes,
         "sharded": sum(hasattr(p, "to_local") for p in model.parameters()),
     }))
 

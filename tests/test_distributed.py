@@ -84,6 +84,24 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
     assert meta["base_model"]["version"] == 2  # read from the shards, as a single process computes it
 
 
+def test_bf16_under_fsdp_keeps_fp32_masters_and_tracks_one_process(tiny_dir, tmp_path):
+    """bf16 model sharded over 2 ranks: fp32 masters for the replicated copy, as in one process.
+
+    bf16 rounds each rank's partial gradients before they are summed in fp32, so the runs agree to
+    bf16 precision (losses within 1%), not bit for bit."""
+    train(TrainConfig(**_settings(tiny_dir, tmp_path / "one", dtype="bfloat16")), progress=False)
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "two", dtype="bfloat16"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    rank = json.loads((tmp_path / "ranks" / "rank-0.json").read_text())
+    assert rank["master_weight_bytes"] == 4 * rank["trainable_params"]
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
+        for k in ("loss", "valid_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-2)
+    meta = json.loads((tmp_path / "two" / "last" / "esft_adapter.json").read_text())
+    assert meta["trained_dtype"] == "bfloat16"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [1, 2, 4], ids=["fsdp4", "ep2+fsdp4", "ep4+fsdp4"])
 def test_four_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
