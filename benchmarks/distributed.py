@@ -89,20 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "processes. Prints tables and, as the last line of stdout, one JSON object.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    m = p.add_argument_group("model (random DeepSeek-V2-style MoE, saved as a checkpoint directory)")
-    m.add_argument("--hidden", type=int, default=256, help="hidden size")
-    m.add_argument("--layers", type=int, default=4, help="number of decoder layers")
-    m.add_argument("--first-dense", type=int, default=1, help="first_k_dense_replace (leading dense layers)")
-    m.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer")
-    m.add_argument("--top-k", type=int, default=6, help="routed experts per token")
-    m.add_argument("--shared-experts", type=int, default=2, help="shared experts per MoE layer")
-    m.add_argument("--moe-intermediate", type=int, default=128, help="intermediate size of one routed expert")
-    m.add_argument("--dense-intermediate", type=int, default=512, help="intermediate size of the dense MLP layers")
-    m.add_argument("--heads", type=int, default=4, help="attention heads")
-    m.add_argument("--vocab", type=int, default=512, help="vocabulary of the BPE tokenizer trained on the toy task")
-    m.add_argument("--router-std", type=float, default=0.5, help="std of the router weights' normal init")
-    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="model dtype (bfloat16: fp32 master weights for what trains, as the recipe)")
+    from train_efficiency import add_model_args
+
+    add_model_args(p.add_argument_group("model (random DeepSeek-V2-style MoE, saved as a checkpoint directory)"))
     t = p.add_argument_group("data and training")
     t.add_argument("--examples", type=int, default=2000, help="toy-task conversations")
     t.add_argument("--seq-len", type=int, default=256, help="packed sequence length")

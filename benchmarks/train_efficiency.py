@@ -60,14 +60,8 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Benchmark ESFT against full fine-tuning on one small DeepSeek-V2-style MoE model: routing "
-                    "profiling speed, training-step time, optimizer state, trainable parameters and on-disk size. "
-                    "Prints a table and, as the last line of stdout, one JSON object.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    m = p.add_argument_group("model (random DeepSeek-V2-style MoE)")
+def add_model_args(m):
+    """The random DeepSeek-V2-style model's shape options (``build`` reads them); shared with benchmarks/distributed.py."""
     m.add_argument("--hidden", type=int, default=256, help="hidden size")
     m.add_argument("--layers", type=int, default=4, help="number of decoder layers")
     m.add_argument("--first-dense", type=int, default=1,
@@ -84,6 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="std of the normal init of router weights (0 keeps transformers' init: near-uniform routing)")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="model dtype for both methods (bfloat16: fp32 master weights and AdamW state, as the recipe)")
+    return m
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark ESFT against full fine-tuning on one small DeepSeek-V2-style MoE model: routing "
+                    "profiling speed, training-step time, optimizer state, trainable parameters and on-disk size. "
+                    "Prints a table and, as the last line of stdout, one JSON object.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = add_model_args(p.add_argument_group("model (random DeepSeek-V2-style MoE)"))
     m.add_argument("--experts-impl", choices=["default", "grouped_mm", "batched_mm", "eager"], default="default",
                    help="transformers experts implementation for both methods (default: what transformers picks, grouped_mm in 5.x; batched_mm is very slow on CPU)")
     d = p.add_argument_group("data and batches")

@@ -44,8 +44,9 @@ class MasterWeights:
         return list(self.masters.values())
 
     def master_bytes(self) -> int:
-        """Bytes held by separate masters (not counting fp32 params that are their own master)."""
-        return sum(m.numel() * 4 for m, p in zip(self.masters.values(), self.model_params.values()) if m is not p)
+        """Bytes this process holds in separate masters (a sharded DTensor master counts its local shard)."""
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        return sum(local(m).numel() * 4 for m, p in zip(self.masters.values(), self.model_params.values()) if m is not p)
 
     @torch.no_grad()
     def accumulate(self) -> None:
