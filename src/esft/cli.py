@@ -109,6 +109,22 @@ def cmd_make_tiny(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from .planning import PlanConfig, describe, make_plan, table_rows, to_json, verdict
+
+    cfg = PlanConfig(model=a.model, gpus=a.gpus, gpu_memory_gib=a.gpu_memory, fsdp_size=a.fsdp_size,
+                     ep_size=a.ep_size, dtype=a.dtype, method=a.method, expert_config=a.expert_config,
+                     expert_share=a.expert_share, micro_batch=a.micro_batch, seq_len=a.seq_len,
+                     gradient_checkpointing=a.gradient_checkpointing, margin=a.margin)
+    plan = make_plan(cfg)
+    if a.json:
+        print(to_json(plan))
+        return 0
+    _table(describe(plan), ["per rank", "GiB", "counted as"], table_rows(plan))
+    print(verdict(plan))
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .eval.run import EvalConfig, run_eval
 
@@ -343,6 +359,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--examples", type=int, default=400, help="training examples of the toy task")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
     sp.set_defaults(func=cmd_make_tiny)
+
+    sp = sub.add_parser("plan", help="per-GPU memory of a training layout, from config.json alone (no weights read)",
+                        description="Estimate per-rank memory (weights, fp32 masters, gradients, AdamW state, "
+                        "activations, FSDP2's gathered layer) of ESFT or full fine-tuning on N GPUs with esft's "
+                        "distributed layout (frozen model sharded 1/N, ESFT's trainable experts replicated), say "
+                        "whether it fits and the fewest GPUs that do. The model is built on the meta device.")
+    sp.add_argument("--model", required=True, help="checkpoint directory (only config.json is read), or a published "
+                    "config: deepseek-v2-lite, deepseek-v2, deepseek-v3")
+    sp.add_argument("--gpus", type=int, default=8, help="number of GPUs = processes (default: 8)")
+    sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
+    sp.add_argument("--fsdp-size", type=int, default=0, help="FSDP2 shard group size (default: all GPUs, the only "
+                    "layout esft train runs)")
+    sp.add_argument("--ep-size", type=int, default=1, help="expert parallelism; divides --gpus and the routed "
+                    "experts per layer (default: 1)")
+    sp.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16, float16, float32 (default: bfloat16)")
+    sp.add_argument("--method", default="esft", choices=["esft", "full"], help="ESFT or full fine-tuning")
+    sp.add_argument("--expert-config", default=None, help="ESFT: expert_cfg.json from `esft select`")
+    sp.add_argument("--expert-share", type=float, default=None, help="ESFT without --expert-config: share of "
+                    "routed experts trained in each MoE layer (default: 0.075; the paper's runs select 5-15%%)")
+    sp.add_argument("--micro-batch", type=int, default=1, help="packed sequences per GPU per forward "
+                    "(esft train's batch_size / GPUs; default: 1)")
+    sp.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    sp.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                    help="recompute activations in backward (default: off, as esft train)")
+    sp.add_argument("--margin", type=float, default=0.10, help="share of GPU memory kept free for what is not "
+                    "modelled: CUDA context, NCCL buffers, fragmentation (default: 0.10)")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    sp.set_defaults(func=cmd_plan)
     return p
 
 
