@@ -8,7 +8,6 @@ hang; writes RESULT_DIR/rank-R.json. MODE "crash": rank 1 raises during its 3rd 
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
