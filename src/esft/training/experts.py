@@ -143,9 +143,15 @@ class ESFTExperts(nn.Module):
         # Only the (token, slot) pairs routed to a selected expert go through `trained`, one pair
         # per row (k=1): its cost follows the few pairs it serves, not all N x K.
         tok, pos = chosen.nonzero(as_tuple=True)  # [P], [P]
-        if tok.numel() == 0:
-            return out
-        y = self.trained(hidden_states[tok], slot[tok, pos].unsqueeze(1), top_k_weights[tok, pos].unsqueeze(1))
+        # Plus one zero-weighted row per slot, so that `trained` runs, and every selected expert gets a
+        # (zero) gradient, in every forward, whatever the tokens: FSDP2, which shards `trained` under
+        # torchrun, gathers its weights and reduces its gradients on every rank, and a rank whose tokens
+        # missed an expert must take part all the same. It also makes a step's gradient always defined.
+        S = len(self.selected)
+        rows = torch.cat([hidden_states[tok], hidden_states.new_zeros(S, hidden_states.shape[-1])])  # [P+S, H]
+        ids = torch.cat([slot[tok, pos], torch.arange(S, device=slot.device)]).unsqueeze(1)  # [P+S, 1]
+        weights = torch.cat([top_k_weights[tok, pos], top_k_weights.new_zeros(S)]).unsqueeze(1)  # [P+S, 1]
+        y = self.trained(rows, ids, weights)[: tok.numel()]  # [P, H]
         return out.index_add(0, tok, y.to(out.dtype))
 
     def _frozen(self, hidden_states, top_k_index, top_k_weights):
