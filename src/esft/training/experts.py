@@ -246,8 +246,12 @@ def validate_expert_cfg(model: nn.Module, expert_cfg: dict, source: str = "exper
                 raise DataError(f"{source}: layer {layer} expert {e} does not exist (the model has experts 0..{E - 1})")
 
 
-def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
-    """Freeze ``model`` except what ``expert_cfg`` names; swap in :class:`ESFTExperts`. In place."""
+def apply_esft(model: nn.Module, expert_cfg: dict, prepare=None) -> TrainablePlan:
+    """Freeze ``model`` except what ``expert_cfg`` names; swap in :class:`ESFTExperts`. In place.
+
+    ``prepare(wrapper)``, if given, is called on each new wrapper as soon as it exists (under torchrun:
+    shard its trainable copy), so that at most one layer's copy is ever held whole.
+    """
     family = get_family(model)
     validate_expert_cfg(model, expert_cfg)
     layers = moe_layers(model)
@@ -273,7 +277,10 @@ def apply_esft(model: nn.Module, expert_cfg: dict) -> TrainablePlan:
                 f"trained experts must be in memory: {OFFLOAD_HINT.format(module=l.prefix.rsplit('.', 1)[0])}"
             )
         if selected and not isinstance(l.experts, ESFTExperts):
-            setattr(l.block, family.experts_attr, ESFTExperts(l.experts, selected))
+            wrapper = ESFTExperts(l.experts, selected)
+            setattr(l.block, family.experts_attr, wrapper)
+            if prepare is not None:
+                prepare(wrapper)
     plan = TrainablePlan(family=family, expert_cfg=expert_cfg)
     for name, p in model.named_parameters():
         if p.requires_grad:
