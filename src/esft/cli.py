@@ -187,10 +187,22 @@ def cmd_serve(a) -> int:
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {item!r} is not of the form name=DIR")
         adapters[name] = path
+    from .serving.engine import Limits
+
+    limits = Limits(max_tokens=a.max_tokens_cap, default_max_tokens=a.default_max_tokens,
+                    max_prompt_tokens=a.max_prompt_tokens, max_queue=a.max_queue, timeout_s=a.request_timeout,
+                    prefill_chunk=a.prefill_chunk)
+    try:
+        limits.check()
+    except ValueError as e:
+        raise ConfigError(f"esft serve: {e}") from None
+    if a.max_body_bytes < 1:
+        raise ConfigError(f"esft serve: --max-body-bytes must be >= 1, got {a.max_body_bytes}")
     serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
                       host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
                       admin_token=os.environ.get(a.admin_token_env) or None, max_batch=a.max_batch,
-                      dtype=a.dtype, device=a.device, device_map=a.device_map, template=a.template))
+                      dtype=a.dtype, device=a.device, device_map=a.device_map, template=a.template,
+                      scheduler=a.scheduler, limits=limits, max_body_bytes=a.max_body_bytes))
     return 0
 
 
@@ -350,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "else reference); reference/chat = that one, and adapters trained otherwise are refused")
     sp.add_argument("--device-map", default=None, help="spread the base model over devices while loading: auto, cpu, "
                     "cuda:0, or a JSON file {module: device} (default: all on --device)")
+    sp.add_argument("--scheduler", default="continuous", choices=["continuous", "static"],
+                    help="continuous: requests join and leave the running batch at every step (default); static: a "
+                    "batch runs to its longest request before the next one starts (for comparison)")
+    sp.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask for; "
+                    "above it: 400 (default: 4096)")
+    sp.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none "
+                    "(default: 256)")
+    sp.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the "
+                    "model's context - 1)")
+    sp.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 429 with "
+                    "Retry-After (default: 256)")
+    sp.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to the last token; "
+                    "then the request ends with 504 (default: 600)")
+    sp.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step, beside "
+                    "the running decodes; longer prompts take several steps (default: 256)")
+    sp.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger: 413 "
+                    "(default: 1 MiB)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
