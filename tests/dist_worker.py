@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node=2 tests/dist_worker.py RESULT_DIR MODE key=value ...
 
-MODE "profile": run_profile with ProfileConfig keys. MODE "train": train, then check that every frozen tensor's local shard is bit-identical to before
-and that a gradient missing on one rank (no token reached its expert there) still sums without a
-hang; writes RESULT_DIR/rank-R.json. MODE "crash": rank 1 raises during its 3rd training forward.
+MODE "profile": run_profile with ProfileConfig keys. MODE "train": train, then check that every frozen
+tensor's local shard is bit-identical to before and that a gradient missing on one rank still sums
+without a hang; writes RESULT_DIR/rank-R.json. MODE "crash": rank 1 raises during its 3rd training
+forward. MODE "starve": as "train", but no token of rank 1 ever reaches a selected expert.
 """
 
 import json
@@ -50,6 +51,18 @@ def main():
             return orig(*a, **k)
 
         model.forward = crash
+    if mode == "starve" and job.rank == 1:
+        # Rank 1's tokens never reach a selected expert: its router choices are moved to expert 15, which
+        # is not selected. Every collective on the trainable copy must still match rank 0's.
+        from esft.training.experts import ESFTExperts
+
+        orig_forward = ESFTExperts.forward
+
+        def starved(self, hidden, top_k_index, top_k_weights):
+            return orig_forward(self, hidden, top_k_index.masked_fill(self.slot_of[top_k_index] >= 0, 15),
+                                top_k_weights)
+
+        ESFTExperts.forward = starved
     res = train(cfg, model=model, tokenizer=tok, progress=False)
 
     from torch.distributed.fsdp import FSDPModule
@@ -65,9 +78,10 @@ def main():
         now = local(p).detach()
         if now.shape != before[key].shape or not torch.equal(now, before[key]):
             changed.append(f"{key} {tuple(before[key].shape)} -> {tuple(now.shape)}")
-    # A rank whose tokens never reached an expert has no gradient for it: the sum must not hang.
+    # A replicated (not sharded) tensor that got no gradient on one rank: the sum must not hang. Rank 0's
+    # gradient is of the loss scaled by the world size, as in training, so the sum is 2 / 2.
     g = torch.nn.Parameter(torch.zeros(3))
-    g.grad = None if job.rank == 1 else torch.full((3,), float(job.rank + 1))
+    g.grad = None if job.rank == 1 else torch.full((3,), 2.0)
     job.sum_grads([g])
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / f"rank-{job.rank}.json").write_text(json.dumps({
@@ -75,6 +89,7 @@ def main():
         "sum_with_missing_grad": g.grad.tolist(), "train_loss": res.train_loss,
         "optimizer_state_bytes": res.optimizer_state_bytes, "trainable_params": res.trainable_params,
         "master_weight_bytes": res.master_weight_bytes,
+        "trained_sharded": [type(p).__name__ for n, p in model.named_parameters() if ".experts.trained." in n],
         "sharded": sum(hasattr(p, "to_local") for p in model.parameters()),
     }))
 

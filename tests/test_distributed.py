@@ -77,9 +77,11 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
         assert rank["world"] == 2 and rank["sharded"] > 0  # the frozen model really is sharded
         assert rank["frozen_checked"] > 20 and rank["frozen_changed"] == []  # bit-identical on every rank
         assert rank["sum_with_missing_grad"] == [1.0, 1.0, 1.0]  # rank 1 had none: zeros, no hang
-        # AdamW state per rank: two fp32 moments of the selected experts only (3 + 1 experts of 2 layers)
+        # The trainable copy is sharded too: each rank holds half of the selected experts' (3 + 1 experts of
+        # 2 layers) fp32 weights and of their AdamW moments.
         assert rank["trainable_params"] == 4 * (64 * 64 + 64 * 32)
-        assert rank["optimizer_state_bytes"] == 2 * 4 * rank["trainable_params"]
+        assert rank["trained_sharded"] == ["DTensor"] * 4
+        assert rank["optimizer_state_bytes"] == 2 * 4 * rank["trainable_params"] // 2
     meta = json.loads((tmp_path / "dist" / "last" / "esft_adapter.json").read_text())
     assert meta["base_model"]["version"] == 2  # read from the shards, as a single process computes it
 
@@ -93,7 +95,7 @@ def test_bf16_under_fsdp_keeps_fp32_masters_and_tracks_one_process(tiny_dir, tmp
     res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "two", dtype="bfloat16"))
     assert res.returncode == 0, res.stderr[-4000:]
     rank = json.loads((tmp_path / "ranks" / "rank-0.json").read_text())
-    assert rank["master_weight_bytes"] == 4 * rank["trainable_params"]
+    assert rank["master_weight_bytes"] == 4 * rank["trainable_params"] // 2  # fp32 shards: half on each rank
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
         for k in ("loss", "valid_loss"):
             if k in a:

@@ -4,18 +4,21 @@
 
 The model is loaded with ``DistributedConfig(fsdp_size, ep_size)``: every frozen weight is sharded
 by FSDP2 (and the routed experts placed by expert parallelism), so each rank holds ~1/N of the
-model. What trains is small, so it is **replicated**: every rank holds the same fp32 copy of the
-selected experts (``expert_rows`` gathers only those rows from the shards once), computes it on
-its own tokens, and the gradients are summed over the ranks (one all-reduce per step, the size
-of the trainable copy) before the identical AdamW step on every rank. Consequences:
+model. The trainable copy of the selected experts is **sharded too**, by FSDP2 over all ranks
+(:func:`shard_trainable`): each rank keeps 1/N of it as fp32 (these shards *are* the fp32 master
+weights), FSDP2 all-gathers a layer's copy in the model's dtype just before its forward, and
+reduce-scatters its gradients in fp32 after its backward. Consequences:
 
-- memory per rank: the frozen model / N + the whole trainable copy, masters and AdamW state
-  (ESFT: a few % of the model); communication per step: FSDP's all-gathers of the frozen weights
-  plus one all-reduce of the selected experts' gradients;
-- checkpoints and adapters hold replicated tensors, so rank 0 writes them in the single-process
-  format, and a run resumes on any number of processes;
-- every rank does the same forwards in the same order (no rank skips a collective), and a rank
-  whose tokens never reach an expert contributes a zero gradient, so no step can hang on it.
+- memory per rank: (frozen model + trainable copy, fp32 masters, gradients and AdamW state) / N,
+  plus one layer's gathered copy at a time; communication per step: FSDP's all-gathers of the
+  frozen weights, plus per layer one all-gather and one reduce-scatter of the selected experts;
+- every rank runs every layer's trained half in every forward (``ESFTExperts`` adds one
+  zero-weighted row per selected expert), so no rank skips a collective, whatever its tokens;
+- FSDP2 averages gradients over the ranks, while each rank's loss is its share of the step's
+  token mean (whose sum is the one-process loss): the loss is scaled by N before backward;
+- the adapter is gathered tensor by tensor and written by rank 0 in the single-process format;
+  checkpoints are written with torch.distributed.checkpoint (every rank its shards), which any
+  number of processes, one included, can read back: a run resumes on another world size.
 
 A single process is the same code with world size 1 (every call below is then a no-op).
 """
@@ -53,16 +56,46 @@ class Dist:
         n = len(rows) // self.world
         return rows[self.rank * n:(self.rank + 1) * n]
 
+    @property
+    def loss_scale(self) -> int:
+        """Backward runs on loss x world size: FSDP2 averages gradients over the ranks, the step needs their sum."""
+        return self.world
+
     def sum_grads(self, params: list[torch.Tensor]) -> None:
-        """Sum the replicated trainable tensors' gradients over the ranks (a missing one counts as zeros)."""
+        """Sum the gradients of replicated (plain, not FSDP-sharded) tensors over the ranks.
+
+        FSDP2 has already reduced a sharded tensor's gradient; a plain one is all-reduced here and
+        divided by :attr:`loss_scale` (a missing gradient counts as zeros, so no rank skips the call).
+        """
         if not self.enabled:
             return
         import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
 
         for p in params:
+            if isinstance(p, DTensor):
+                continue
             if p.grad is None:  # no token of this rank reached it: still take part in the all-reduce
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+            p.grad.div_(self.loss_scale)
+
+    def gather(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Whole tensors (on CPU, in ``dtype``) on rank 0, one at a time; {} on the other ranks.
+
+        A sharded tensor is all-gathered (every rank must call this), converted and moved to the host
+        before the next one, so a rank holds one whole tensor at a time besides its shards.
+        """
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, t in tensors.items():
+            t = t.detach()
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            if self.main:
+                out[name] = full.to(device="cpu", dtype=dtype or full.dtype)
+            del full
+        return out
 
     def sum(self, value: float) -> float:
         if not self.enabled:
@@ -82,6 +115,31 @@ class Dist:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def shard_trainable(job: Dist, compute_dtype: torch.dtype):
+    """``prepare(wrapper)`` for ``apply_esft``: shard each layer's trainable copy over all ranks with FSDP2.
+
+    The copy ([S, 2I, H] and [S, H, I], S selected experts) is made fp32 and split along dim 1 (2I and
+    H: even shards however few experts a layer selects; along dim 0, a layer with one selected expert
+    would sit whole on one rank). FSDP2's mixed-precision policy gathers it in ``compute_dtype`` for
+    the forward and reduces gradients in fp32, so the fp32 shards are the master weights and AdamW
+    steps them directly. None alone (one process keeps a plain copy).
+    """
+    if not job.enabled:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh(job.device.split(":")[0], (job.world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+    def prepare(wrapper) -> None:
+        wrapper.trained.float()
+        fully_shard(wrapper.trained, mesh=mesh, mp_policy=policy, shard_placement_fn=lambda p: Shard(1))
+
+    return prepare
 
 
 def join(device: str = "auto", timeout_s: int = 600) -> Dist:
@@ -122,7 +180,7 @@ def check_layout(cfg, world: int) -> None:
                          f"micro-batch is split evenly over them (so the result equals one process)")
     if cfg.method != "esft":
         raise NotImplementedError(f"method={cfg.method} under torchrun is not implemented yet: only ESFT trains "
-                                  "distributed (its trainable part is replicated, see the README)")
+                                  "distributed (see the README)")
 
 
 def distributed_config(cfg, world: int):

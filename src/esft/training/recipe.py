@@ -6,7 +6,7 @@
 Output directory:
 
     config.yaml            the exact config used
-    checkpoints/step-N/    resumable state: trainable tensors, optimizer, step (atomic, newest kept)
+    checkpoints/step-N/    resumable state: fp32 trainable tensors, AdamW, step (atomic, newest kept; checkpoint.py)
     adapter/               best adapter by validation loss (esft), atomic
     last/                  adapter (esft) or full checkpoint (full) after the last step
     tb/                    TensorBoard logs
@@ -34,12 +34,13 @@ from ..adapter.io import save_adapter
 from ..config import to_yaml
 from ..data.conversations import load_examples
 from ..data.packing import Packed, pack
-from ..io import DataError, atomic_dir, write_json_atomic
+from ..io import DataError, atomic_dir
 from ..models.loading import checkpoint_dtype, input_device, load_model
 from ..selection.select import read_expert_config
 from .config import TrainConfig
+from . import checkpoint
+from .distributed import check_expert_counts, distributed_config, setup, shard_trainable
 from .experts import TrainablePlan, apply_esft, check_in_memory
-from .distributed import check_expert_counts, distributed_config, setup
 from .precision import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,14 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
                              foreach=True)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (the local shard of a DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+    """Bytes of optimizer state this process holds (its shards, for sharded tensors)."""
+    return sum(_local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
                if torch.is_tensor(v) and v.dim() > 0)
 
 
@@ -131,42 +138,6 @@ def evaluate_loss(model: nn.Module, data: Packed, batch_size: int, device: str) 
         count += n
     model.train(was_training)
     return total / count if count else math.nan
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    d = out / "checkpoints"
-    if not d.exists():
-        return []
-    return sorted((p for p in d.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(out: Path, step: int, masters: MasterWeights, opt, state: dict, keep: int) -> None:
-    """Atomically write the resumable state: the fp32 masters (not their bf16 roundings), AdamW, counters."""
-    with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
-        torch.save(masters.state_dict(), tmp / "trainable.pt")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        write_json_atomic(tmp / "state.json", {**state, "step": step})
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_checkpoint_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def load_checkpoint(ckpt: Path, masters: MasterWeights, opt) -> dict:
-    tensors = torch.load(ckpt / "trainable.pt", map_location="cpu")
-    missing = set(masters.masters) - set(tensors)
-    extra = set(tensors) - set(masters.masters)
-    if missing or extra:
-        raise DataError(f"{ckpt}: checkpoint does not match this run's trainable tensors "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
-    for n, m in masters.masters.items():
-        if tensors[n].shape != m.shape:
-            raise DataError(f"{ckpt}: {n} has shape {tuple(tensors[n].shape)}, this run's is {tuple(m.shape)}")
-    masters.load_state_dict(tensors)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    return read_checkpoint_state(ckpt)
 
 
 # Settings that change the training trajectory: a resumed run must use the same ones. (steps may grow;
@@ -310,7 +281,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     expert_cfg = None
     if cfg.method == "esft":
         expert_cfg = read_expert_config(cfg.expert_config)
-        plan = apply_esft(model, expert_cfg)  # validates layers/experts before anything trains
+        # Under torchrun each layer's trainable copy is sharded over the ranks as soon as it exists.
+        plan = apply_esft(model, expert_cfg, prepare=shard_trainable(job, model_dtype))  # validates the config
         params = dict(plan.params)
     elif cfg.method == "lora":
         model = lora_wrap(model, cfg)
@@ -336,14 +308,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
 
     start, best = 0, math.inf
     state = {"best_valid_loss": None, "base_model": base_fp, "run": record}
-    ckpts = _checkpoints(out) if cfg.resume else []
-    if ckpts:  # every rank reads the same (replicated) state; rank 0 alone writes
+    ckpts = checkpoint.list_checkpoints(out) if cfg.resume else []
+    if ckpts:  # every rank reads its shards of the state; rank 0 alone writes files other than checkpoints
         # Checked before anything is loaded or written: a mismatch leaves the run directory as it was.
-        saved = read_checkpoint_state(ckpts[-1])
+        saved = checkpoint.read_state(ckpts[-1])
         if saved.get("run") is None and saved.get("base_model") and not cfg.allow_other_base:
             check_legacy_base(ckpts[-1], saved["base_model"], model)
         check_resume(ckpts[-1], saved.get("run"), record, cfg.allow_other_base)
-        state = {**load_checkpoint(ckpts[-1], masters, opt), "run": record}
+        state = {**checkpoint.load(ckpts[-1], masters, opt), "run": record}
         if state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
@@ -368,15 +340,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             "trained_dtype": str(model_dtype).removeprefix("torch.")}
 
     def write_adapter(where: Path, step: int, **extra):
-        if not job.main:  # replicated tensors: one writer
-            return
-        save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=masters.masters)
+        # Every rank takes part in gathering the sharded masters; rank 0 writes them.
+        whole = job.gather(masters.masters, save_dtype) if job.enabled else masters.masters
+        if job.main:
+            save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=whole)
 
     def save_best(step: int):
-        if not job.main:
-            return
         if plan is not None:
             write_adapter(out / "adapter", step, valid_loss=best)
+        elif not job.main:
+            return
         elif cfg.method == "lora":
             with atomic_dir(out / "adapter") as tmp:
                 model.save_pretrained(str(tmp))
@@ -406,11 +379,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                              attention_mask=train_data.attention_mask[rows].to(device),
                              labels=train_data.labels[rows].to(device), use_cache=False,
                              num_items_in_batch=torch.tensor(max(n_items, 1), device=device))
-                scaler.scale(out_.loss).backward()
+                scaler.scale(out_.loss * job.loss_scale).backward()
                 masters.accumulate()  # low-precision grads -> fp32 master grads, summed over micro-batches
                 step_loss += float(out_.loss.detach())
             step_loss = job.sum(step_loss)  # each rank's loss is its share of the global token-mean
-            job.sum_grads(masters.parameters())  # replicated trainable copy: sum its gradient over ranks
+            job.sum_grads(masters.parameters())  # tensors FSDP does not shard: sum their gradients over ranks
             scaler.unscale_(opt)  # fp16 only: the masters' gradients back to true scale (checks inf/NaN)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
@@ -437,16 +410,19 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 if vloss < best:  # NaN (nothing to score) never counts as best
                     best = vloss
                     save_best(done)
-            if ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps) and job.main:
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 state["best_valid_loss"] = None if best == math.inf else best
                 state["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
-                save_checkpoint(out, done, masters, opt, state, cfg.keep_checkpoints)
+                checkpoint.save(out, done, masters, opt, state, cfg.keep_checkpoints, job)
     finally:
         bar.close()
         log_file.close()
         if writer:
             writer.close()
 
+    # Under torchrun a low-precision model's sharded trainable copy is fp32: those shards are its masters.
+    sharded_master_bytes = sum(_local(p).numel() * 4 for n, p in params.items() if ".trained." in n
+                               ) if job.enabled and plan is not None and model_dtype != torch.float32 else 0
     adapter_dir = None
     if plan is not None:
         write_adapter(out / "last", cfg.steps)
@@ -468,6 +444,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         best_valid_loss=None if best == math.inf else best,
         trainable_params=sum(p.numel() for p in params.values()),
         optimizer_state_bytes=optimizer_state_bytes(opt), seconds=time.perf_counter() - t0,
-        adapter_dir=adapter_dir, master_weight_bytes=masters.master_bytes(),
+        adapter_dir=adapter_dir,
+        master_weight_bytes=masters.master_bytes() + sharded_master_bytes,
         best_dir=adapter_dir if cfg.method != "full" else str(out / ("best" if (out / "best").exists() else "last")),
     )
