@@ -1,7 +1,8 @@
 """ESFT under torchrun on transformers' FSDP2 / expert parallelism: 2 gloo processes on the CPU.
 
 Each distributed run is a real `torchrun --standalone --nproc_per_node=2` of tests/dist_worker.py
-(one thread per process). Parity tolerance: the two ranks' partial gradients are summed in another
+(one thread per process). The frozen model and the trainable copy of the selected experts are both
+sharded by FSDP2. Parity tolerance: the two ranks' partial gradients are summed in another
 order than one process sums its batch, which moves float32 results by ~1e-7 relative per step;
 after 4 AdamW steps losses agree to 1e-5 relative and adapter tensors to 1e-4 relative.
 """
@@ -117,11 +118,38 @@ def test_four_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
 
 
 def test_resume_on_another_number_of_processes(tiny_dir, tmp_path, single):
-    """Checkpoints hold the replicated trainable state: 2 steps alone, then 2 more on 2 processes."""
+    """A one-process checkpoint (DCP, whole tensors) continues on 2 processes, which read their shards of it."""
     train(TrainConfig(**_settings(tiny_dir, tmp_path / "run", steps=2)), progress=False)
     res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "run", resume=True))
     assert res.returncode == 0, res.stderr[-4000:]
     _assert_same_run(single, tmp_path / "run")
+
+
+def test_a_sharded_checkpoint_resumes_on_the_same_and_on_one_process(tiny_dir, tmp_path, single):
+    """2 steps on 2 processes (each rank saves its shards), then 2 more on 2 processes, or on 1."""
+    import shutil
+
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "two", steps=2))
+    assert res.returncode == 0, res.stderr[-4000:]
+    shards = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-2" / "state").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "two", resume=True))
+    assert res.returncode == 0, res.stderr[-4000:]
+    _assert_same_run(single, tmp_path / "two")
+    train(TrainConfig(**_settings(tiny_dir, tmp_path / "one", resume=True)), progress=False)
+    _assert_same_run(single, tmp_path / "one")
+
+
+def test_a_rank_whose_tokens_never_reach_a_selected_expert_does_not_hang(tiny_dir, tmp_path):
+    """Rank 1 routes no token to any selected expert in any step: the job completes, both ranks agree."""
+    res = torchrun(tmp_path / "ranks", "starve", _settings(tiny_dir, tmp_path / "starve", steps=2, eval_every=0),
+                   timeout=200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["train_loss"] == ranks[1]["train_loss"]  # the summed loss, the same on both ranks
+    assert all(r["frozen_changed"] == [] for r in ranks)
+    assert (tmp_path / "starve" / "last" / "adapter.safetensors").exists()
 
 
 def test_a_crashed_rank_ends_the_job_with_an_error(tiny_dir, tmp_path):
