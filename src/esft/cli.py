@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="per-GPU memory of a training layout, from config.json alone (no weights read)",
                         description="Estimate per-rank memory (weights, fp32 masters, gradients, AdamW state, "
                         "activations, FSDP2's gathered layer) of ESFT or full fine-tuning on N GPUs with esft's "
-                        "distributed layout (frozen model sharded 1/N, ESFT's trainable experts replicated), say "
+                        "distributed layout (frozen model and ESFT's trainable experts both sharded 1/N), say "
                         "whether it fits and the fewest GPUs that do. The model is built on the meta device.")
     sp.add_argument("--model", required=True, help="checkpoint directory (only config.json is read), or a published "
                     "config: deepseek-v2-lite, deepseek-v2, deepseek-v3")
