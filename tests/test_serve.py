@@ -437,3 +437,222 @@ def test_continuous_batching_equals_greedy_generate_token_for_token(server):
     assert got["continuous"] == expected
     assert got["static"] == expected
     assert len(set(expected)) > len(questions)  # the adapters really answer differently
+
+
+# ---------------------------------------------------------------- API coverage
+
+def _reference_logprobs(adapter_dir, prompt_ids, steps, k):
+    """Greedy tokens of the merged model with each one's log-probability and the k most likely, recomputed
+    from the whole sequence at every step (no cache): [(token text, logprob, [(text, logprob)] * k)]."""
+    model, tok = _alone(adapter_dir)
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(steps):
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            t = int(lp.argmax())
+            if t == tok.eos_token_id:
+                break
+            top = lp.topk(k)
+            out.append((tok.decode([t]), float(lp[t]), [(tok.decode([int(i)]), float(v))
+                                                         for v, i in zip(top.values, top.indices)]))
+            ids.append(t)
+    return out
+
+
+def test_logprobs_of_chat_and_completions_match_each_merged_model(server):
+    client, engine, root = server["client"], server["engine"], server["root"]
+    msgs = [{"role": "user", "content": QUESTIONS[1]}]
+    for name, adir in (("base", None), ("a", root / "A"), ("b", root / "B")):
+        want = _reference_logprobs(adir, engine.encode_chat(msgs, None if name == "base" else name), 6, 3)
+        r = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=6, logprobs=True,
+                                           top_logprobs=3)
+        got = r.choices[0].logprobs.content
+        assert [g.token for g in got] == [w[0] for w in want], name
+        for g, w in zip(got, want):
+            assert abs(g.logprob - w[1]) < 1e-4 and g.bytes == list(w[0].encode())
+            assert [t.token for t in g.top_logprobs] == [t for t, _ in w[2]]
+            assert all(abs(t.logprob - v) < 1e-4 for t, (_, v) in zip(g.top_logprobs, w[2]))
+    prompt = "User: Count to five.\n\nAssistant:"
+    want = _reference_logprobs(root / "A", engine.encode_completion(prompt), 4, 2)
+    r = client.completions.create(model="a", prompt=prompt, temperature=0, max_tokens=4, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [w[0] for w in want] and "".join(lp.tokens) == r.choices[0].text
+    assert all(abs(a - w[1]) < 1e-4 for a, w in zip(lp.token_logprobs, want))
+    assert [list(t) for t in lp.top_logprobs] == [[t for t, _ in w[2]] for w in want]
+    assert lp.text_offset == [sum(len(w[0]) for w in want[:i]) for i in range(len(want))]
+    chunks = list(client.completions.create(model="a", prompt=prompt, temperature=0, max_tokens=4, logprobs=2,
+                                            stream=True))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+
+def test_n_choices_usage_in_streams_and_ignore_eos(server):
+    client = server["client"]
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    kw = dict(model="b", messages=msgs, temperature=1.0, max_tokens=8, n=3, seed=11, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 3 * 8
+    assert r.usage.prompt_tokens == len(server["engine"].encode_chat(msgs, "b"))  # the prompt counts once
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    assert len({c.message.content for c in r.choices}) > 1  # seed, seed + 1, seed + 2: different samples
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for i, c in enumerate(r.choices):
+        assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices and k.choices[0].index == i) \
+            == c.message.content
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(k.usage is None for k in chunks[:-1])
+    # ignore_eos (vLLM's extra body field): exactly max_tokens, where the model alone stops early
+    short = client.completions.create(model="base", prompt="User: hi\n\nAssistant:", temperature=0, max_tokens=60)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 60
+    full = client.completions.create(model="base", prompt="User: hi\n\nAssistant:", temperature=0, max_tokens=60,
+                                     extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 60
+    with pytest.raises(openai.BadRequestError, match=r"n must be an integer in \[1, 8\]"):
+        client.chat.completions.create(model="b", messages=msgs, n=9)
+
+
+def test_a_stop_string_spanning_tokens_ends_a_stream_before_it(server):
+    client, tok = server["client"], server["engine"].tok
+    prompt = "User: Translate: the red house and the blue car\n\nAssistant:"
+    r = client.completions.create(model="a", prompt=prompt, temperature=0, max_tokens=24, logprobs=0)
+    text, pieces = r.choices[0].text, r.choices[0].logprobs.tokens
+    ends = [len("".join(pieces[: i + 1])) for i in range(len(pieces))]
+    # two characters either side of a token boundary, the first occurrence of that string being there
+    cut = next(e for e in ends[1:-1] if e >= 2 and len(text) - e >= 2 and text.find(text[e - 2:e + 2]) == e - 2)
+    stop = text[cut - 2:cut + 2]
+    chunks = list(client.completions.create(model="a", prompt=prompt, temperature=0, max_tokens=24, stop=[stop],
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text[: cut - 2]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert tok  # the stop string is not any single token's text
+    assert all(stop not in p for p in pieces)
+
+
+def test_health_metrics_and_the_api_key_guarding_docs(server):
+    url = server["url"]
+    with urllib.request.urlopen(url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    for name in ("a", "base"):
+        server["client"].chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with urllib.request.urlopen(url + "/metrics") as r:
+        text = r.read().decode()
+    for line in ("esft_queue_length 0", "esft_running_requests ", "esft_generation_tokens_per_second ",
+                 'esft_requests_total{model="a"} ', 'esft_requests_total{model="base"} ', "# TYPE esft_requests_total counter"):
+        assert line in text, line
+    from esft.serving.engine import Engine
+
+    model, tok = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    engine = Engine(model, tok)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(api_key="k3y"))) as srv:
+            for path in ("/docs", "/openapi.json", "/metrics", "/v1/models"):
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(srv.url + path)
+                assert e.value.code == 401, path
+                ok = urllib.request.Request(srv.url + path, headers={"Authorization": "Bearer k3y"})
+                with urllib.request.urlopen(ok) as r:
+                    assert r.status == 200
+            with urllib.request.urlopen(srv.url + "/health") as r:  # probes need no key
+                assert r.status == 200
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------- bad input and safety
+
+def test_oversized_bodies_full_queues_and_max_tokens_over_the_cap_are_refused():
+    import threading
+
+    from esft.serving.engine import Engine, Limits
+
+    model, tok = load_model(embedded_model_dir(), dtype="float32", device="cpu")
+    engine = Engine(model, tok, max_batch=1, limits=Limits(max_tokens=100, max_queue=1))
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(max_body_bytes=2000))) as srv:
+            big = {"model": "base", "prompt": "x" * 3000}
+            status, body = _post(srv.url + "/v1/completions", big)
+            assert status == 413 and "at most 2000" in body["error"]["message"]
+            status, body = _post(srv.url + "/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 101})
+            assert status == 400 and "cap of 100 tokens" in body["error"]["message"]
+            results = []
+            with engine.exclusive():  # the worker is held: the first request waits in the queue
+                t = threading.Thread(target=lambda: results.append(_post(srv.url + "/v1/completions", {
+                    "model": "base", "prompt": "hi", "max_tokens": 3})))
+                t.start()
+                while engine.queue_length() < 1:
+                    t.join(0.01)
+                req = urllib.request.Request(srv.url + "/v1/completions", method="POST",
+                                             data=json.dumps({"model": "base", "prompt": "hi"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req)
+                assert e.value.code == 429 and 1 <= int(e.value.headers["Retry-After"]) <= 60
+                assert "--max-queue 1" in json.loads(e.value.read())["error"]["message"]
+            t.join(60)
+            assert results and results[0][0] == 200  # the queued one is served once the worker runs
+    finally:
+        engine.close()
+
+
+def test_links_inside_an_adapter_that_lead_out_of_the_root_are_refused(server, tmp_path):
+    import shutil
+
+    url, root = server["url"], server["root"]
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"not yours")
+    shutil.copytree(root / "A", root / "linky")
+    target = next(p for p in (root / "linky").iterdir() if p.suffix == ".safetensors")
+    target.unlink()
+    target.symlink_to(outside)
+    status, body = _post(url + "/admin/adapters", {"name": "l", "path": "linky"}, token="adm1n")
+    assert status == 400 and "is a link to" in body["error"]["message"] and "outside the adapter root" in \
+        body["error"]["message"]
+    target.unlink()
+    target.symlink_to(root / "A" / target.name)  # a link that stays inside the root is fine
+    status, body = _post(url + "/admin/adapters", {"name": "l", "path": "linky"}, token="adm1n")
+    assert status == 200
+    assert _post(url + "/admin/adapters/l", b"", token="adm1n", method="DELETE")[0] == 200
+
+
+def _open_and_drop(url, body, read_bytes, started=None):
+    """POST ``body``, read the response's first bytes (0: none; wait until ``started()``), close the connection."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    if read_bytes:
+        conn.getresponse().read(read_bytes)
+    else:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    conn.sock.close()
+    conn.close()
+
+
+def test_a_client_that_goes_away_frees_its_row_and_the_batch_goes_on(server):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, client, engine = server["url"], server["client"], server["engine"]
+    long = {"model": "a", "prompt": "User: hi\n\nAssistant:", "temperature": 0, "max_tokens": 480, "ignore_eos": True}
+    for stream, read in ((True, 64), (False, 0)):  # mid-stream, and while waiting for a plain answer
+        before = engine.stats["finished"]["cancelled"]
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(lambda: client.completions.create(model="b", prompt="User: hi\n\nAssistant:",
+                                                                  max_tokens=40, extra_body={"ignore_eos": True}))
+            admitted = engine.stats["per_model"]["a"]
+            _open_and_drop(url, {**long, "stream": stream}, read, lambda: engine.stats["per_model"]["a"] > admitted)
+            deadline = time.monotonic() + 30
+            while engine.stats["finished"]["cancelled"] == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.stats["finished"]["cancelled"] == before + 1, stream
+            assert other.result(timeout=60).usage.completion_tokens == 40
+        deadline = time.monotonic() + 10
+        while engine.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running() == 0

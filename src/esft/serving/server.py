@@ -111,18 +111,34 @@ def build_app(engine: Engine, cfg: ServeConfig):
         got = request.headers.get("authorization", "")
         return secret is not None and hmac.compare_digest(got.encode(), f"Bearer {secret}".encode())
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
+    def refusal(scope) -> tuple[int, str, str, str] | None:
+        """(status, message, type, code) when a request is refused before its handler runs, else None."""
+        path, headers = scope["path"], dict(scope["headers"])
         # the key guards the API, its docs (/docs, /openapi.json) and /metrics; /health is for probes, and the
         # admin endpoints have their own token
-        if cfg.api_key and path != "/health" and not path.startswith("/admin") and not authorized(request, cfg.api_key):
-            return error(401, "missing or wrong API key", "authentication_error", "invalid_api_key")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
-            return error(413, f"the request body has {size} bytes; this server accepts at most "
-                         f"{cfg.max_body_bytes} (esft serve --max-body-bytes)", code="request_too_large")
-        return await call_next(request)
+        if cfg.api_key and path != "/health" and not path.startswith("/admin"):
+            got = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(got, f"Bearer {cfg.api_key}".encode()):
+                return 401, "missing or wrong API key", "authentication_error", "invalid_api_key"
+        size = headers.get(b"content-length", b"")
+        if size.isdigit() and int(size) > cfg.max_body_bytes:
+            return (413, f"the request body has {int(size)} bytes; this server accepts at most {cfg.max_body_bytes} "
+                    "(esft serve --max-body-bytes)", "invalid_request_error", "request_too_large")
+        return None
+
+    class Guard:
+        """Plain ASGI middleware (not BaseHTTPMiddleware, which hides a client's disconnect from handlers)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            why = refusal(scope) if scope["type"] == "http" else None
+            if why is None:
+                return await self.inner(scope, receive, send)
+            await error(why[0], why[1], why[2], why[3])(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     def names() -> list[str]:
         return [cfg.base_name] + (weaver.names() if weaver is not None else [])
@@ -190,7 +206,8 @@ def build_app(engine: Engine, cfg: ServeConfig):
                                          or not 0 <= logprobs <= 5):
                 raise RequestError(f"logprobs must be an integer in [0, 5], got {logprobs!r}")
         try:
-            p = GenParams(max_tokens=int(limit) if limit is not None else engine.limits.default_max_tokens,
+            default = min(engine.limits.default_max_tokens, engine.limits.max_tokens)
+            p = GenParams(max_tokens=int(limit) if limit is not None else default,
                           temperature=float(body["temperature"]) if body.get("temperature") is not None else 1.0,
                           top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
                           stop=[str(s) for s in stop], seed=body.get("seed"), ignore_eos=ignore_eos,
@@ -285,13 +302,18 @@ def build_app(engine: Engine, cfg: ServeConfig):
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         try:
+            checked = loop.time()
             while not out.finished():
                 try:
                     i, ev = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    i = None
+                if loop.time() - checked >= 0.5:  # twice a second, events or not
+                    checked = loop.time()
                     if await request.is_disconnected():  # nobody will read the answer: free the rows
                         cancel()
                         return error(499, "the client closed the request", code="client_closed")
+                if i is None:
                     continue
                 if ev[0] == "error":
                     cancel()
