@@ -15,8 +15,9 @@ What it does (issue 10, "Performance"):
    DTensor sharded over the N ranks), alone plainly — and runs ``--warmup-steps`` + ``--steps``
    optimizer steps, each on its share (``Dist.rows``) of the global batch:
 
-   ESFT (as the recipe): ``apply_esft`` -> ``MasterWeights`` -> forward -> backward -> ``accumulate``
-   -> ``Dist.sum_grads`` (all-reduce of the replicated trainable copy) -> clip -> AdamW -> ``sync``.
+   ESFT (as the recipe): ``apply_esft`` with ``shard_trainable`` (under torchrun every layer's trainable
+   copy becomes fp32 FSDP2 shards, which are the masters) -> ``MasterWeights`` -> forward -> backward
+   (FSDP2 reduce-scatters the copy's gradients) -> clip -> AdamW -> ``sync``.
 
    FFT (the recipe does not run method=full under torchrun yet, so it is built here): every parameter
    trains (``full_plan``); under FSDP2 they are DTensor shards whose gradients FSDP reduce-scatters
@@ -42,10 +43,10 @@ What it does (issue 10, "Performance"):
    ``--malloc-mmap-threshold 0`` keeps glibc's default.
 
 Targets (printed met / MISSED): frozen parameter bytes per rank ~ 1/N of the model (within 10%), and
-ESFT's AdamW state per rank <= 10% of FFT's at the same N. Note: ESFT's trainable copy is
-*replicated* (see ``esft/training/distributed.py``), so its AdamW state per rank stays the same for every
-N while FFT's shrinks as 1/N: the ratio grows as N x (trainable share), and the target holds only
-while N x share <= 10%. The table says so instead of picking a share that hides it.
+ESFT's AdamW state per rank <= 10% of FFT's at the same N. ESFT's trainable copy is sharded over the
+N ranks like FFT's parameters (see ``esft/training/distributed.py``), so both shrink as 1/N and the
+ratio stays the trainable share for every N. (Until 2026-11-23 the copy was replicated, and the ratio
+grew as N x share: 11.4% at N=2 and 22.9% at N=4 on this benchmark's model.)
 
 This machine has 2 cores: with 4 processes (one thread each) the ranks share cores, so step times
 across N are NOT a scaling measurement (and include gloo on loopback); they only show that the step
@@ -193,7 +194,7 @@ def worker(args) -> int:
     from esft.models.loading import load_model
     from esft.selection.select import read_expert_config
     from esft.training.config import TrainConfig
-    from esft.training.distributed import distributed_config, join
+    from esft.training.distributed import distributed_config, join, shard_trainable
     from esft.training.experts import apply_esft
     from esft.training.precision import MasterWeights
     from esft.training.recipe import full_plan, make_optimizer
@@ -216,7 +217,9 @@ def worker(args) -> int:
     sharded = sum(isinstance(p, DTensor) for p in model.parameters())
 
     if args.method == "esft":
-        plan = apply_esft(model, read_expert_config(work / "expert_cfg.json"))
+        # Under torchrun each layer's trainable copy is sharded by FSDP2 as esft train does (fp32 shards).
+        dtype = next(model.parameters()).dtype
+        plan = apply_esft(model, read_expert_config(work / "expert_cfg.json"), prepare=shard_trainable(job, dtype))
         params = dict(plan.params)
     else:
         params = full_plan(model)
@@ -229,9 +232,9 @@ def worker(args) -> int:
 
     batches = torch.load(work / "batches.pt")
     # FSDP2 averages the gradients it reduce-scatters over the ranks; the loss below is each rank's share
-    # of the global token mean, so FFT's loss is scaled by N to make FSDP's average the sum (= one process).
-    fsdp_grads = args.method == "full" and job.enabled
-    loss_scale = float(job.world) if fsdp_grads else 1.0
+    # of the global token mean, so the loss is scaled by N to make FSDP's average the sum (= one process),
+    # as esft train does (ESFT's trainable copy is FSDP-sharded too).
+    loss_scale = float(job.loss_scale)
 
     def grad_bytes() -> int:
         seen, total = set(), 0
@@ -254,8 +257,7 @@ def worker(args) -> int:
         (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
         masters.accumulate()
         t2 = time.perf_counter()
-        if not fsdp_grads:
-            job.sum_grads(masters.parameters())  # ESFT: the replicated copy's gradient, summed over ranks
+        job.sum_grads(masters.parameters())  # tensors FSDP does not shard (none here): summed over ranks
         t3 = time.perf_counter()
         grads_after_backward = grad_bytes()
         t3b = time.perf_counter()
@@ -509,11 +511,9 @@ def main(argv=None) -> int:
         + (f" = {trainable_share:.1%} of the model's parameters" if trainable_share is not None else ""),
         ("frozen/rank x N / model: 1.0 = exactly 1/N of the model per rank (FSDP2 shards dim 0; uneven shards "
          "make it slightly more on some ranks)."),
-        "ESFT's trainable copy is replicated (distributed.py's design): its AdamW state per rank is the same for "
-        "every N, FFT's shrinks as 1/N, so ESFT/FFT = N x trainable share"
-        + ((f" (here {trainable_share:.1%} x N): the 10% target holds only for N <= {int(0.10 // trainable_share)}."
-            if trainable_share <= 0.10 else f" (here {trainable_share:.1%} x N): the 10% target holds for no N.")
-           if trainable_share else "."),
+        "ESFT's trainable copy is sharded over the ranks by FSDP2 (distributed.py's design), as FFT's parameters "
+        "are: both AdamW states shrink as 1/N, so ESFT/FFT stays the trainable share"
+        + (f" (here {trainable_share:.1%}) for every N." if trainable_share else "."),
         ("FFT: gradients reduce-scattered by FSDP2 (loss x N against FSDP's averaging), clip_grad_norm_ and AdamW "
          "(foreach) run on the DTensor shards; parity = max relative difference of the per-step losses (and the "
          "first step's gradient norm) from the single-process run."),

@@ -83,8 +83,28 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
         assert rank["trainable_params"] == 4 * (64 * 64 + 64 * 32)
         assert rank["trained_sharded"] == ["DTensor"] * 4
         assert rank["optimizer_state_bytes"] == 2 * 4 * rank["trainable_params"] // 2
+    # `esft plan` counts the same per-rank optimizer state for this layout (from config.json alone)
+    from esft.planning import PlanConfig, make_plan
+
+    plan = make_plan(PlanConfig(model=str(tiny_dir / "model"), gpus=2, ep_size=ep_size, dtype="float32",
+                                expert_config=str(tiny_dir / "dist_sel.json")))
+    assert plan.bytes["optimizer state"] == rank["optimizer_state_bytes"]
+    assert plan.bytes["gradients"] == 4 * rank["trainable_params"] // 2
     meta = json.loads((tmp_path / "dist" / "last" / "esft_adapter.json").read_text())
     assert meta["base_model"]["version"] == 2  # read from the shards, as a single process computes it
+
+
+def test_torchrun_with_one_process_is_bit_identical_to_plain_training_in_bf16(tiny_dir, tmp_path):
+    """torchrun --nproc_per_node=1 takes the distributed path (process group, FSDP2-sharded fp32 trainable copy
+    gathered in bf16, DCP checkpoints) with a world of one: the same bf16 numbers as `esft train` alone."""
+    kw = dict(dtype="bfloat16", steps=3)
+    train(TrainConfig(**_settings(tiny_dir, tmp_path / "plain", **kw)), progress=False)
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "one", **kw), nproc=1)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert json.loads((tmp_path / "ranks" / "rank-0.json").read_text())["trained_sharded"] == ["DTensor"] * 4
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "one")
+    a, b = (load_file(str(tmp_path / r / "last" / "adapter.safetensors")) for r in ("plain", "one"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_under_fsdp_keeps_fp32_masters_and_tracks_one_process(tiny_dir, tmp_path):

@@ -6,20 +6,25 @@ this project's distributed layout (``training/distributed.py``) is added up per 
     N processes (= fsdp_size), model dtype b bytes/element (bf16/fp16: 2, fp32: 4)
 
     weights      every parameter sharded by FSDP2:             P * b / N
-                 + ESFT: the trainable copy, replicated:       T * b
-    fp32 masters ESFT: T * 4 (replicated); full: P * 4 / N     (none when the model is fp32)
-    gradients    fp32 (the masters' gradients): ESFT T * 4; full P * 4 / N
-    optimizer    AdamW exp_avg + exp_avg_sq, fp32: ESFT T * 8; full P * 8 / N
+                 + ESFT, fp32 model: the selected experts' trainable copy, sharded: Tr * 4 / N
+    fp32 masters T * 4 / N  (none when the model is fp32; ESFT's routed copy is fp32 shards: its masters)
+    gradients    fp32 (the masters' gradients), sharded:       T * 4 / N
+    optimizer    AdamW exp_avg + exp_avg_sq, fp32, sharded:    T * 8 / N
     activations  see below (per rank: micro_batch x seq_len tokens)
     transient    FSDP2 all-gathers one decoder layer at a time: the largest layer unsharded
                  (its non-expert weights + its routed experts / ep_size: expert parallelism gathers
                  only the rank's own experts), plus the LM head, which transformers' FSDP plan for
                  these models keeps unsharded from its forward to the end of backward
                  ("keep_full_weight"); full fine-tuning doubles it (the gathered layer's unsharded
-                 gradient exists before its reduce-scatter). None for one process (nothing sharded).
+                 gradient exists before its reduce-scatter); ESFT adds the largest layer's trainable
+                 copy gathered in b, its unsharded gradient in b and that gradient's fp32 copy for the
+                 reduce-scatter (Tl * (2b + 4); Tl * 8 for fp32). None for one process.
+
+    One process (N = 1, `esft train` without torchrun) keeps ESFT's trainable copy as a plain tensor
+    in the model's dtype beside its fp32 master: weights P * b + Tr * b, masters T * 4.
 
 P = all parameters, T = trainable ones (ESFT: the selected experts, + shared experts / non-expert
-modules if the expert config asks for them). Expert parallelism (ep_size) places each rank's E/ep
+modules if the expert config asks for them), Tr = the selected routed experts alone. Expert parallelism (ep_size) places each rank's E/ep
 experts and shards them over N/ep ranks, so the per-rank share of the weights is 1/N either way.
 
 Activations (bytes per token, what autograd saves for backward; b as above, 4 for fp32 parts).
@@ -342,14 +347,23 @@ def activation_bytes(shape: ModelShape, cfg: PlanConfig, tr: Trainable) -> float
 COMPONENTS = ("weights", "fp32 masters", "gradients", "optimizer state", "activations", "transient gathered layer")
 
 
-def transient_bytes(shape: ModelShape, cfg: PlanConfig, gpus: int) -> float:
-    """FSDP2's unsharded weights alive at once: the largest layer (its experts / ep_size) + the LM head."""
+def routed_trainable(shape: ModelShape, tr: Trainable) -> dict[int, float]:
+    """Elements of each MoE layer's trainable copy of its selected routed experts (ESFT)."""
+    return {l.index: tr.expert_share.get(l.index, 0.0) * l.experts * l.expert_size for l in shape.moe_layers}
+
+
+def transient_bytes(shape: ModelShape, cfg: PlanConfig, tr: Trainable, gpus: int) -> float:
+    """FSDP2's unsharded tensors alive at once: the largest layer (its experts / ep_size) + the LM head; ESFT:
+    + the largest layer's gathered trainable copy with its gradient (see the module docstring)."""
     if gpus == 1:
         return 0.0
     b = DTYPE_BYTES[cfg.dtype]
     layer = max((l.params - l.expert_params + l.expert_params / cfg.ep_size for l in shape.layers), default=0)
     gathered = (layer + shape.lm_head) * b
-    return gathered * (2 if cfg.method == "full" else 1)  # full FT: + the layer's unsharded gradient
+    if cfg.method == "full":
+        return gathered * 2  # + the layer's unsharded gradient
+    copy = max(routed_trainable(shape, tr).values(), default=0.0)
+    return gathered + copy * (2 * b + (4 if b != 4 else 0))
 
 
 def per_rank_bytes(shape: ModelShape, cfg: PlanConfig, tr: Trainable, gpus: int) -> dict[str, float]:
@@ -359,12 +373,16 @@ def per_rank_bytes(shape: ModelShape, cfg: PlanConfig, tr: Trainable, gpus: int)
     if cfg.method == "full":  # everything trains and everything is sharded 1/N
         P = shape.params / gpus
         out = {"weights": P * b, "fp32 masters": P * master, "gradients": P * 4, "optimizer state": P * 8}
-    else:  # frozen model sharded 1/N + the trainable copy replicated on every rank
-        T = tr.params
-        out = {"weights": shape.params * b / gpus + T * b, "fp32 masters": T * master, "gradients": T * 4,
+    elif gpus == 1:  # one process: the trainable copy is a plain tensor in the model's dtype + its fp32 master
+        T, Tr = tr.params, sum(routed_trainable(shape, tr).values())
+        out = {"weights": shape.params * b + Tr * b, "fp32 masters": T * master, "gradients": T * 4,
                "optimizer state": T * 8}
+    else:  # torchrun: frozen model and trainable copy both sharded 1/N; the routed copy's fp32 shards are masters
+        T, Tr = tr.params, sum(routed_trainable(shape, tr).values())
+        out = {"weights": (shape.params * b + (Tr * 4 if b == 4 else 0)) / gpus, "fp32 masters": T * master / gpus,
+               "gradients": T * 4 / gpus, "optimizer state": T * 8 / gpus}
     out["activations"] = activation_bytes(shape, cfg, tr)
-    out["transient gathered layer"] = transient_bytes(shape, cfg, gpus)
+    out["transient gathered layer"] = transient_bytes(shape, cfg, tr, gpus)
     out["total"] = sum(out[c] for c in COMPONENTS)
     return out
 
@@ -398,14 +416,12 @@ def smallest_fit(shape: ModelShape, cfg: PlanConfig, tr: Trainable, usable: floa
     def total(n: float) -> float:
         return per_rank_bytes(shape, cfg, tr, n)["total"]
 
-    # Per-rank memory falls with N toward what does not shard (ESFT's replicated trainable copy with its
-    # masters, gradients and AdamW state; activations; the gathered layer): if that does not fit, nothing does.
+    # Per-rank memory falls with N toward what does not shard (activations, the gathered layer): if that
+    # does not fit, nothing does.
     floor = total(math.inf)
     if floor > usable:
-        why = ("ESFT's replicated trainable copy with its masters, gradients and AdamW state, " if cfg.method == "esft"
-               else "")
         return None, (f"none: a rank needs at least {floor / GIB:.1f} GiB however many GPUs share the model "
-                      f"({why}activations, the gathered layer)" + ("; train fewer experts" if cfg.method == "esft" else ""))
+                      "(activations, the gathered layer): use gradient checkpointing or shorter sequences")
     hi = 1  # in units of ep_size; total(n) falls as n grows: double, then bisect
     while total(hi * cfg.ep_size) > usable:
         hi *= 2
@@ -490,17 +506,23 @@ def table_rows(plan: Plan) -> list[list[str]]:
                "fp32 masters": f"all parameters x 4 B / {n}" if c.dtype != "float32" else "none: fp32 weights are their own",
                "gradients": f"fp32, all parameters x 4 B / {n}",
                "optimizer state": f"AdamW, all parameters x 8 B / {n}"}
+    elif n == 1:
+        how = {"weights": f"all parameters x {b} B + the selected experts' copy x {b} B",
+               "fp32 masters": f"{T} x 4 B" if c.dtype != "float32" else "none: fp32 weights are their own",
+               "gradients": f"fp32, {T} x 4 B", "optimizer state": f"AdamW, {T} x 8 B"}
     else:
-        how = {"weights": f"all parameters x {b} B / {n} + replicated copy of {T} x {b} B",
-               "fp32 masters": f"{T} x 4 B, replicated" if c.dtype != "float32" else "none: fp32 weights are their own",
-               "gradients": f"fp32, {T} x 4 B, replicated",
-               "optimizer state": f"AdamW, {T} x 8 B, replicated"}
+        how = {"weights": f"all parameters x {b} B / {n}" + (" + the selected experts' copy x 4 B / {n}"
+                                                               if c.dtype == "float32" else ""),
+               "fp32 masters": f"{T} x 4 B / {n} (the trainable copy's fp32 shards)" if c.dtype != "float32"
+               else "none: fp32 weights are their own",
+               "gradients": f"fp32, {T} x 4 B / {n}", "optimizer state": f"AdamW, {T} x 8 B / {n}"}
     how["activations"] = (f"{c.micro_batch} x {c.seq_len} tokens, "
                           + ("checkpointed: layer inputs + one recomputed layer" if c.gradient_checkpointing
                              else "every layer's saved tensors") + " + loss")
     how["transient gathered layer"] = ("none: one process, nothing sharded" if n == 1 else
                                        "largest layer (experts / ep_size) + LM head, unsharded"
-                                       + (", x2 with its gradient" if c.method == "full" else ""))
+                                       + (", x2 with its gradient" if c.method == "full" else
+                                          "; + its trainable copy gathered, with its gradient"))
     rows = [[k, gib(plan.bytes[k]), how[k]] for k in COMPONENTS]
     rows.append(["total", gib(plan.bytes["total"]), f"of {gib(plan.usable_bytes)} GiB usable"])
     return rows

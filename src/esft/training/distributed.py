@@ -40,6 +40,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    joined: bool = False  # launched by torchrun and in its process group (also with one process)
 
     @property
     def main(self) -> bool:
@@ -47,7 +48,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """True under torchrun, even with one process (then FSDP2, DCP and NCCL run with a world of one)."""
+        return self.joined
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's share of a micro-batch's rows (the micro-batch is split evenly, in order)."""
@@ -79,6 +81,19 @@ class Dist:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad.div_(self.loss_scale)
+
+    @staticmethod
+    def reshard(model: torch.nn.Module) -> None:
+        """Put every FSDP2 module of ``model`` back in its sharded state.
+
+        An FSDP2 root keeps its weights gathered after a forward (for the backward that usually follows);
+        after a validation forward, reading the trainable copy by its (sharded) parameters needs them back.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def gather(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Whole tensors (on CPU, in ``dtype``) on rank 0, one at a time; {} on the other ranks.
@@ -114,7 +129,8 @@ class Dist:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (torch.distributed.run) sets TORCHELASTIC_RUN_ID for every worker it starts."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def shard_trainable(job: Dist, compute_dtype: torch.dtype):
@@ -133,7 +149,9 @@ def shard_trainable(job: Dist, compute_dtype: torch.dtype):
     from torch.distributed.tensor import Shard
 
     mesh = init_device_mesh(job.device.split(":")[0], (job.world,))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: the routing weights reach the experts in the dtype the model gives them (fp32
+    # for some families), as in one process; FSDP's default would round them to the compute dtype first.
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
     def prepare(wrapper) -> None:
         wrapper.trained.float()
@@ -154,7 +172,7 @@ def join(device: str = "auto", timeout_s: int = 600) -> Dist:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, f"cuda:{local}" if cuda else "cpu")
+    return Dist(rank, world, f"cuda:{local}" if cuda else "cpu", joined=True)
 
 
 def setup(cfg) -> Dist:

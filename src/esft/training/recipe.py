@@ -341,6 +341,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
 
     def write_adapter(where: Path, step: int, **extra):
         # Every rank takes part in gathering the sharded masters; rank 0 writes them.
+        if job.enabled:
+            job.reshard(model)
         whole = job.gather(masters.masters, save_dtype) if job.enabled else masters.masters
         if job.main:
             save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=whole)
