@@ -13,10 +13,12 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu runs part 1 on the CPU (gloo), to try the script without a GPU
+PARTS=${PARTS:-123}      # which parts to run, e.g. PARTS=1
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
+if [[ $PARTS == *1* ]]; then
 echo "== 1. bf16 ESFT on the GPU: alone, under torchrun (NCCL), and resumed under torchrun"
 $PY -m esft make-tiny --out "$W/tiny" >/dev/null
 echo '{"experts": {"1": [0, 3, 9], "2": [5]}}' > "$W/sel.json"
@@ -58,12 +60,37 @@ for run in ("nccl", "resumed"):
 meta = json.loads((w / "nccl" / "last" / "esft_adapter.json").read_text())
 print("nccl adapter metadata: dtype", meta.get("dtype"), "trained_dtype", meta.get("trained_dtype"))
 EOF
+echo "profiling under torchrun ($DEVICE) against one process:"
+$PY -m esft profile --model "$W/tiny/model" --data "$W/tiny/train.jsonl" --out "$W/one.json" --device $DEVICE \
+  --quiet >"$OUT/profile.log" 2>&1
+$RUN profile --model "$W/tiny/model" --data "$W/tiny/train.jsonl" --out "$W/tr.json" --device $DEVICE \
+  --quiet >>"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+$PY - "$W/one.json" "$W/tr.json" <<'EOF'
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:])
+def flat(x):
+    if isinstance(x, dict):
+        for k in sorted(x):
+            yield from flat(x[k])
+    elif isinstance(x, list):
+        for v in x:
+            yield from flat(v)
+    else:
+        yield x
+d = max(abs(x - y) for k in ("token_scores", "gate_scores") for x, y in zip(flat(a[k]), flat(b[k])))
+print("profile: max |score difference|", d, "; selection counts equal:", a["selection_counts"] == b["selection_counts"])
+EOF
+fi
 [ "$DEVICE" = cuda ] || { rm -rf "$W"; exit 0; }
 
+if [[ $PARTS == *2* ]]; then
 echo "== 2. mixed precision on the GPU"
 $PY benchmarks/mixed_precision.py --device cuda 2>"$OUT/mixed_precision.err" | tee "$OUT/mixed_precision.txt" | tail -40
+fi
 
+if [[ $PARTS == *3* ]]; then
 echo "== 3. esft plan against measured peak CUDA memory"
 $PY benchmarks/plan_vs_gpu.py --layers 4 --seq-len 2048 --steps 3 --work "$W/plan" 2>"$OUT/plan_vs_gpu.err" \
   | tee "$OUT/plan_vs_gpu.txt" || tail -20 "$OUT/plan_vs_gpu.err"
+fi
 rm -rf "$W"

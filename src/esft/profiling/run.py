@@ -68,7 +68,8 @@ def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool =
     job = join(cfg.device)  # under torchrun: FSDP2 over every process, batches split over them
     if model is None and job.enabled:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
-                                      distributed_config=DistributedConfig(fsdp_size=job.world))
+                                      # one process under torchrun: loaded plainly onto its device
+                                      distributed_config=DistributedConfig(fsdp_size=job.world) if job.world > 1 else None)
     elif model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     device = input_device(model)

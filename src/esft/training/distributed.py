@@ -202,7 +202,13 @@ def check_layout(cfg, world: int) -> None:
 
 
 def distributed_config(cfg, world: int):
-    """transformers' DistributedConfig for this job (FSDP2 over every rank, expert parallelism if asked)."""
+    """transformers' DistributedConfig for this job (FSDP2 over every rank, expert parallelism if asked).
+
+    None for a world of one: transformers then leaves the model whole and ignores the device (it would
+    load onto the CPU), so the model is loaded plainly onto the job's device instead.
+    """
+    if world == 1:
+        return None
     kw = {"fsdp_size": cfg.fsdp_size or world}
     if cfg.ep_size > 1:
         kw["ep_size"] = cfg.ep_size
