@@ -93,7 +93,7 @@ def test_damaged_adapters_are_refused(trained, tiny_dir, tmp_path):
                "model.layers.1.mlp.experts.2.up_proj.weight": torch.zeros(5, 5),
                "model.layers.1.mlp.experts.2.down_proj.weight": torch.zeros(5, 5)}, str(bad / "a.safetensors"))
     model, _ = load_model(tiny_dir / "model")
-    with pytest.raises(AdapterError, match=r"layer 1 expert 2 (gate|up|down) projection has shape \(5, 5\), the model expects \((32, 64|64, 32)\)"):
+    with pytest.raises(AdapterError, match=r"layer 1 expert 2 (gate|up|down)_proj.weight has shape \(5, 5\), the model expects \((32, 64|64, 32)\)"):
         merge_adapter(model, bad)
     save_file({"model.layers.1.mlp.experts.99.gate_proj.weight": torch.zeros(32, 64)}, str(bad / "a.safetensors"))
     with pytest.raises(AdapterError, match="matches no parameter or expert"):

@@ -5,7 +5,7 @@ weights as the *checkpoint files* name and shape them, so the same value comes f
 model (:func:`model_fingerprint`) and from the safetensors shards alone
 (:func:`checkpoint_fingerprint`, which never loads the model):
 
-- routed experts appear as the checkpoint's per-expert tensors (``family.expert_key``): gate =
+- routed experts appear as the checkpoint's tensors (``ExpertLayout``, models/layout.py): gate =
   rows [:I] of the fused ``gate_up_proj[e]`` [2I, H], up = rows [I:], down = ``down_proj[e]`` [H, I];
   every other parameter under ``family.checkpoint_name``; an ESFT-wrapped model hashes as its base;
 - each tensor contributes its key, its shape and ``SAMPLES`` elements at exact integer flat indices
@@ -80,14 +80,16 @@ def _canonical_name(name: str) -> str:
     return name.replace(".experts.base.", ".experts.")
 
 
-def _layout(model: nn.Module) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """[(layer, gate_up [E, 2I, H], down [E, H, I])] of the routed experts, and checkpoint key -> parameter for the rest."""
+def _layout(model: nn.Module) -> tuple[list[tuple[object, dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """[(ExpertLayout, {fused param name: tensor [E, ...]})] of the routed experts, and checkpoint key ->
+    parameter for the rest."""
     family = get_family(model)
     experts, fused = [], set()
     for l in moe_layers(model):
         ex = base_experts(l.experts)
-        experts.append((l.index, ex.gate_up_proj, ex.down_proj))
-        fused |= {id(ex.gate_up_proj), id(ex.down_proj)}
+        params = dict(ex.named_parameters(recurse=False))
+        experts.append((l.layout(), params))
+        fused |= {id(p) for p in params.values()}
     others = {}
     for name, p in model.named_parameters():
         if id(p) in fused or ".experts.trained." in name:
@@ -98,40 +100,49 @@ def _layout(model: nn.Module) -> tuple[list[tuple[int, torch.Tensor, torch.Tenso
 
 def checkpoint_key_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape of every tensor the v2 fingerprint hashes (a meta-device model is enough)."""
-    family = get_family(model)
     experts, others = _layout(model)
     out = {k: tuple(p.shape) for k, p in others.items()}
-    for layer, gate_up, down in experts:
-        n_exp, two_i, hidden = gate_up.shape
-        for e in range(n_exp):
-            out[family.expert_key(layer, e, "gate")] = (two_i // 2, hidden)
-            out[family.expert_key(layer, e, "up")] = (two_i // 2, hidden)
-            out[family.expert_key(layer, e, "down")] = tuple(down.shape[1:])
+    for lay, _ in experts:
+        for t in lay.tensors:
+            for e in (range(lay.num_experts) if t.per_expert else [0]):
+                out[t.key(e)] = lay.checkpoint_shape(t)
     return out
 
 
 @torch.no_grad()
 def _model_samples(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     """Checkpoint key -> (shape, sampled elements [k] on CPU), read from the loaded model."""
-    family = get_family(model)
     experts, others = _layout(model)
     out = {k: (tuple(p.shape), gather_flat(p, sample_indices(p.numel()))) for k, p in others.items()}
-    for layer, gate_up, down in experts:
-        n_exp, two_i, hidden = gate_up.shape
-        inter = two_i // 2
-        # One gather per fused tensor for all its experts (V3 has 256 per layer): the per-expert
-        # [I, H] / [H, I] slices share one sample pattern (same numel).
-        idx = torch.tensor(sample_indices(inter * hidden))
-        rows, cols = idx // hidden, idx % hidden
-        dev = gate_up.device
-        gate = gate_up[:, rows.to(dev), cols.to(dev)].cpu()  # [E, k]
-        up = gate_up[:, (rows + inter).to(dev), cols.to(dev)].cpu()
-        dn = down[:, (idx // inter).to(down.device), (idx % inter).to(down.device)].cpu()
-        for e in range(n_exp):
-            out[family.expert_key(layer, e, "gate")] = ((inter, hidden), gate[e])
-            out[family.expert_key(layer, e, "up")] = ((inter, hidden), up[e])
-            out[family.expert_key(layer, e, "down")] = (tuple(down.shape[1:]), dn[e])
+    for lay, params in experts:
+        flat = [params[n].reshape(lay.num_experts, -1) for n in lay.params]  # [E, n_p] views
+        for t in lay.tensors:
+            shape = lay.checkpoint_shape(t)
+            n = t.param_of.numel()
+            if t.per_expert:
+                # One gather per tensor for all experts (V3 has 256 per layer): every expert's piece shares
+                # one sample pattern (same numel).
+                idx = torch.tensor(sample_indices(n))
+                vals = _pick(flat, t, slice(None), idx)  # [E, k]
+                for e in range(lay.num_experts):
+                    out[t.key(e)] = (shape, vals[e])
+            else:
+                idx = torch.tensor(sample_indices(lay.num_experts * n))
+                rows, local = idx // n, idx % n
+                vals = torch.stack([_pick(flat, t, int(r), local[i:i + 1])[0] for i, r in enumerate(rows.tolist())])
+                out[t.template] = (shape, vals.reshape(-1))
     return out
+
+
+def _pick(flat: list[torch.Tensor], t, rows, local: torch.Tensor) -> torch.Tensor:
+    """Elements ``local`` (flat indices of a checkpoint tensor's piece) of experts ``rows`` -> [R, k] on CPU."""
+    which, index = t.param_of[local].long(), t.index[local]
+    cols = []
+    for j in range(local.numel()):
+        f = flat[int(which[j])]
+        cols.append(f[rows, int(index[j])].reshape(-1, 1).cpu() if isinstance(rows, slice)
+                    else f[rows, int(index[j])].reshape(1, 1).cpu())
+    return torch.cat(cols, dim=1)
 
 
 def _digest(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> str:
@@ -194,7 +205,9 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> dict:
     Reads config.json, the shard headers and SAMPLES elements per tensor; the model is built on
     the meta device only to list its parameter names and shapes (no weight is allocated).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..models.registry import meta_model
 
     from ..models.loading import CheckpointError
     from .shards import open_checkpoint, read_elements
@@ -204,8 +217,7 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> dict:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = meta_model(config)
     ckpt = open_checkpoint(path)
     samples, fds = {}, {}
     try:

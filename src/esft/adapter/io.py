@@ -131,29 +131,31 @@ def check_base(model: nn.Module, adapter: Adapter, fingerprint: dict | None = No
 
 
 def _targets(model: nn.Module) -> tuple[dict, dict]:
-    """Checkpoint key -> (layer, expert, part) for routed experts; checkpoint key -> param for the rest."""
+    """Checkpoint key -> (layer, expert or None for a fused key) for routed experts; checkpoint key -> param
+    for the rest."""
     family = get_family(model)
     expert_keys = {}
     for l in moe_layers(model):
-        for e in range(l.num_experts):
-            for part in ("gate", "up", "down"):
-                expert_keys[family.expert_key(l.index, e, part)] = (l.index, e, part)
+        lay = l.layout()
+        expert_keys.update({k: (l.index, e) for k, (e, _) in lay.per_expert_keys().items()})
+        expert_keys.update({k: (l.index, None) for k in lay.fused_keys()})
+    routed = {id(p) for l in moe_layers(model) for p in base_experts(l.experts).parameters()}
     others = {}
     for name, p in model.named_parameters():
-        if ".experts." in name and (".experts.base." in name or ".experts.trained." in name or name.endswith(("gate_up_proj", "down_proj"))):
+        if id(p) in routed or ".experts.trained." in name or ".experts.all." in name:
             continue
         others[family.checkpoint_name(name)] = p
     return expert_keys, others
 
 
 def _split(adapter: Adapter, model: nn.Module):
+    """(routed: {layer: {checkpoint key: tensor}}, rest: {key: (param, tensor)}), checked against expert_cfg."""
     expert_keys, others = _targets(model)
-    routed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    routed: dict[int, dict[str, torch.Tensor]] = {}
     rest: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     for k, t in adapter.tensors.items():
         if k in expert_keys:
-            l, e, part = expert_keys[k]
-            routed.setdefault((l, e), {})[part] = t
+            routed.setdefault(expert_keys[k][0], {})[k] = t
         elif k in others:
             p = others[k]
             if tuple(p.shape) != tuple(t.shape):
@@ -164,33 +166,48 @@ def _split(adapter: Adapter, model: nn.Module):
             rest[k] = (p, t)
         else:
             raise AdapterError(f"{adapter.path}: tensor {k!r} matches no parameter or expert of this model")
-    check_expert_cfg(adapter, {le: set(parts) for le, parts in routed.items()})
+    layouts = {l.index: l.layout() for l in moe_layers(model)}
+    check_routed(adapter, layouts, {l: set(ts) for l, ts in routed.items()})
+    for l, ts in routed.items():
+        check_routed_shapes(adapter, layouts[l], adapter.expert_cfg["experts"][l], ts)
     return routed, rest
 
 
-def check_expert_cfg(adapter: Adapter, routed: dict[tuple[int, int], set[str]]) -> None:
-    """The routed experts an adapter holds ((layer, expert) -> parts present) must be exactly its expert_cfg's, whole."""
-    listed = {(l, e) for l, es in adapter.expert_cfg["experts"].items() for e in es}
-    for (l, e), parts in sorted(routed.items()):
-        if (l, e) not in listed:
-            raise AdapterError(f"{adapter.path}: holds layer {l} expert {e}, which its expert_cfg.json does not list")
-        missing = {"gate", "up", "down"} - set(parts)
-        if missing:
-            raise AdapterError(f"{adapter.path}: layer {l} expert {e} lacks its {sorted(missing)} projection(s)")
-    absent = sorted(listed - set(routed))
-    if absent:
-        raise AdapterError(f"{adapter.path}: expert_cfg.json lists (layer, expert) {absent[:5]} but the adapter has no tensors for them")
+def check_routed(adapter: Adapter, layouts: dict, present: dict[int, set[str]]) -> None:
+    """The routed-expert keys an adapter holds (layer -> keys) must be exactly those of its expert_cfg's
+    experts, every tensor of each (``layouts``: layer -> ExpertLayout)."""
+    cfg = adapter.expert_cfg["experts"]
+    for l, keys in sorted(present.items()):
+        listed = list(cfg.get(l, []))
+        per_expert = layouts[l].per_expert_keys()
+        for k in sorted(keys):
+            if k in per_expert and per_expert[k][0] not in listed:
+                raise AdapterError(f"{adapter.path}: holds layer {l} expert {per_expert[k][0]}, which its "
+                                   "expert_cfg.json does not list")
+    for l, es in sorted(cfg.items()):
+        if l not in layouts:
+            continue  # validate_expert_cfg / the caller names a layer that is not an MoE layer
+        have = present.get(l, set())
+        for e in es:
+            missing = [k for k in layouts[l].keys(e) if k not in have]
+            if missing and len(missing) == len(layouts[l].keys(e)):
+                raise AdapterError(f"{adapter.path}: expert_cfg.json lists (layer, expert) ({l}, {e}) but the adapter "
+                                   "has no tensors for it")
+            if missing:
+                raise AdapterError(f"{adapter.path}: layer {l} expert {e} lacks its tensor(s) {missing}")
 
 
-def _check_expert_shapes(adapter: Adapter, layer: int, expert: int, parts: dict, gate_up: torch.Tensor, down: torch.Tensor):
-    inter = gate_up.shape[1] // 2
-    want = {"gate": (inter, gate_up.shape[2]), "up": (inter, gate_up.shape[2]), "down": tuple(down.shape[1:])}
-    for part, t in parts.items():
-        if tuple(t.shape) != want[part]:
-            raise AdapterError(
-                f"{adapter.path}: layer {layer} expert {expert} {part} projection has shape {tuple(t.shape)}, "
-                f"the model expects {want[part]}"
-            )
+def check_routed_shapes(adapter: Adapter, layout, ids: list[int], tensors: dict[str, torch.Tensor]) -> None:
+    """Per-expert tensors must have the checkpoint's shape; a fused key's rows [len(ids), *row]."""
+    per_expert = layout.per_expert_keys()
+    for k, t in sorted(tensors.items()):
+        if k in per_expert:
+            e, spec = per_expert[k]
+            want, what = spec.shape, f"layer {layout.prefix.split('.')[-3]} expert {e} {k.rsplit('.experts.', 1)[-1].split('.', 1)[-1]}"
+        else:
+            want, what = (len(ids), *layout.fused_keys()[k].shape), f"{k} (rows of experts {ids})"
+        if tuple(t.shape) != tuple(want):
+            raise AdapterError(f"{adapter.path}: {what} has shape {tuple(t.shape)}, the model expects {tuple(want)}")
 
 
 @torch.no_grad()
@@ -202,17 +219,18 @@ def merge_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow_
     if any(isinstance(l.experts, ESFTExperts) for l in moe_layers(model)):
         raise AdapterError("this model is wrapped for ESFT training: use attach_adapter, or unwrap_esft it first")
     routed, rest = _split(adapter, model)
-    layers = {l.index: base_experts(l.experts) for l in moe_layers(model)}
-    for (l, e), parts in sorted(routed.items()):
-        ex = layers[l]
+    layers = {l.index: l for l in moe_layers(model)}
+    for l, tensors in sorted(routed.items()):
+        ex = base_experts(layers[l].experts)
         if ex.gate_up_proj.device.type == "meta":
-            raise AdapterError(f"{adapter.path}: layer {l} expert {e}: the device map offloaded this layer's experts "
+            raise AdapterError(f"{adapter.path}: layer {l}: the device map offloaded this layer's experts "
                                "(meta device); an adapter can only be merged into weights held in memory")
-        _check_expert_shapes(adapter, l, e, parts, ex.gate_up_proj, ex.down_proj)
-        inter = ex.gate_up_proj.shape[1] // 2
-        ex.gate_up_proj[e, :inter].copy_(parts["gate"])
-        ex.gate_up_proj[e, inter:].copy_(parts["up"])
-        ex.down_proj[e].copy_(parts["down"])
+        ids = list(adapter.expert_cfg["experts"][l])
+        params = dict(ex.named_parameters(recurse=False))
+        rows = layers[l].layout().from_checkpoint(ids, tensors, params)
+        idx = torch.tensor(ids, device=ex.gate_up_proj.device)
+        for n, r in rows.items():
+            params[n].index_copy_(0, idx, r)
     for _, (p, t) in rest.items():
         p.copy_(t)
     return model
@@ -228,15 +246,14 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow
     if not allow_other_base:
         check_base(model, adapter)
     routed, rest = _split(adapter, model)
+    layouts = {l.index: l.layout() for l in moe_layers(model)}
     plan = apply_esft(model, adapter.expert_cfg)
-    for (l, e), parts in routed.items():
+    for l, tensors in routed.items():
         w: ESFTExperts = plan.wrappers[l]
-        _check_expert_shapes(adapter, l, e, parts, w.base.gate_up_proj, w.base.down_proj)
-        s = w.selected.index(e)
-        inter = w.trained.gate_up_proj.shape[1] // 2
-        w.trained.gate_up_proj[s, :inter].copy_(parts["gate"])
-        w.trained.gate_up_proj[s, inter:].copy_(parts["up"])
-        w.trained.down_proj[s].copy_(parts["down"])
+        params = dict(w.trained.named_parameters(recurse=False))
+        rows = layouts[l].from_checkpoint(w.selected, tensors, params)
+        for n, r in rows.items():
+            params[n].copy_(r)
     for _, (p, t) in rest.items():
         p.copy_(t)
     return plan

@@ -17,21 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from .. import __version__
 from ..io import atomic_dir, write_json_atomic
 from ..models.loading import CheckpointError
-from ..models.registry import MoEFamily, get_family
+from ..models.registry import meta_model, moe_layers
 from .fingerprint import checkpoint_fingerprint, fingerprint_mismatch, fingerprint_version
-from .io import Adapter, AdapterError, check_expert_cfg, read_adapter
+from .io import Adapter, AdapterError, check_routed, read_adapter
 from .shards import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, open_checkpoint, write_shard
 
 log = logging.getLogger(__name__)
@@ -75,16 +73,18 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     ckpt = open_checkpoint(base)
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
-    check_adapter_fits(adapter, ckpt, _family(base))
+    check_adapter_fits(adapter, ckpt, _layouts(base))
     template = adapter_template(adapter)
+    fused_rows = _fused_rows(adapter, _layouts(base))
     base_check = check_base_on_disk(adapter, base, allow_other_base)
 
     rewritten_shards, copied_shards, data_bytes = [], [], 0
     with atomic_dir(out) as tmp:
         for i, shard in enumerate(ckpt.shards, 1):
             mine = {k: adapter.tensors[k] for k in shard.tensors if k in adapter.tensors}
+            rows = {k: fused_rows[k] for k in mine if k in fused_rows}
             if mine or _needs_cast(shard, cast):
-                data_bytes += write_shard(shard, tmp / shard.path.name, mine, cast)
+                data_bytes += write_shard(shard, tmp / shard.path.name, mine, cast, rows)
                 rewritten_shards.append(shard.path.name)
             else:
                 shutil.copyfile(shard.path, tmp / shard.path.name)  # copies the bytes: the output is standalone
@@ -137,32 +137,47 @@ def adapter_template(adapter: Adapter) -> dict:
     return {"name": fmt.name, "chat_template": fmt.chat_template}
 
 
-def _family(base: Path) -> MoEFamily:
-    """The checkpoint's MoE family, from config.json's model_type (no transformers config needed)."""
+def _layouts(base: Path) -> dict:
+    """layer -> ExpertLayout of the checkpoint's model, read from config.json on a weightless skeleton."""
+    from transformers import AutoConfig
+
     try:
-        model_type = json.loads((base / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{base / 'config.json'}: not a JSON object ({e})") from None
-    return get_family(SimpleNamespace(model_type=model_type))
+        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{base / 'config.json'}: cannot read the config ({e})") from None
+    return {l.index: l.layout() for l in moe_layers(meta_model(config))}
 
 
-def _expert_key_pattern(family: MoEFamily) -> re.Pattern:
-    names = "|".join(re.escape(n) for n in family.ckpt_expert_names)
-    return re.compile(rf"^model\.layers\.(\d+)\.{re.escape(family.ckpt_moe_attr)}\.experts\.(\d+)\.({names})\.weight$")
+def _fused_rows(adapter: Adapter, layouts: dict) -> dict[str, list[int]]:
+    """Adapter key -> the expert rows it holds, for keys that are fused (all experts in one) checkpoint tensors."""
+    out = {}
+    for l, lay in layouts.items():
+        for k in lay.fused_keys():
+            if k in adapter.tensors:
+                out[k] = list(adapter.expert_cfg["experts"].get(l, []))
+    return out
 
 
-def check_adapter_fits(adapter: Adapter, ckpt: Checkpoint, family: MoEFamily) -> None:
-    """Every adapter tensor must name a tensor of the checkpoint, with its shape and a float dtype.
+def check_adapter_fits(adapter: Adapter, ckpt: Checkpoint, layouts: dict) -> None:
+    """Every adapter tensor must name a tensor of the checkpoint, with its shape (rows of experts, for a fused
+    checkpoint tensor) and a float dtype.
 
     Also refuses FP8-quantized target tensors and routed experts that disagree with the
     adapter's expert_cfg.json.
     """
-    pattern = _expert_key_pattern(family)
-    part_of = dict(zip(family.ckpt_expert_names, ("gate", "up", "down")))
-    routed: dict[tuple[int, int], set[str]] = {}
+    per_expert = {k: (l, e) for l, lay in layouts.items() for k, (e, _) in lay.per_expert_keys().items()}
+    fused = {k: l for l, lay in layouts.items() for k in lay.fused_keys()}
+    present: dict[int, set[str]] = {}
     for key, t in sorted(adapter.tensors.items()):
-        m = pattern.match(key)
-        what = f"layer {m[1]} expert {m[2]} {m[3]} projection ({key})" if m else repr(key)
+        if key in per_expert:
+            l, e = per_expert[key]
+            what = f"layer {l} expert {e} {key.rsplit('.', 2)[-2]} projection ({key})"
+            present.setdefault(l, set()).add(key)
+        elif key in fused:
+            what = f"layer {fused[key]} experts {adapter.expert_cfg['experts'].get(fused[key], [])} rows of {key}"
+            present.setdefault(fused[key], set()).add(key)
+        else:
+            what = repr(key)
         info = ckpt.tensors.get(key)
         if info is None:
             raise AdapterError(f"{adapter.path}: {what} is not a tensor of the checkpoint {ckpt.path}")
@@ -171,16 +186,17 @@ def check_adapter_fits(adapter: Adapter, ckpt: Checkpoint, family: MoEFamily) ->
                 f"{info.file}: {key} is FP8-quantized ({info.dtype} with block scales {key}_scale_inv). esft merge "
                 "does not re-quantize experts: merge into the bf16 checkpoint the adapter was trained on (for "
                 "DeepSeek-V3, one converted with DeepSeek's fp8_cast_bf16.py)")
-        if tuple(t.shape) != info.shape:
+        want = info.shape
+        if key in fused:
+            want = (len(adapter.expert_cfg["experts"].get(fused[key], [])), *info.shape[1:])
+        if tuple(t.shape) != tuple(want):
             raise AdapterError(f"{adapter.path}: {what} has shape {list(t.shape)} in the adapter, "
-                               f"the checkpoint expects {list(info.shape)}")
+                               f"the checkpoint expects {list(want)}")
         if not t.is_floating_point() or info.dtype not in FLOAT_DTYPES:
             base_dtype = DTYPES.get(info.dtype, info.dtype)
             raise AdapterError(f"{adapter.path}: cannot cast {key} from {t.dtype} to the checkpoint's {base_dtype}: "
                                "a merge only casts floating-point tensors to floating-point tensors")
-        if m:
-            routed.setdefault((int(m[1]), int(m[2])), set()).add(part_of[m[3]])
-    check_expert_cfg(adapter, routed)
+    check_routed(adapter, layouts, present)
 
 
 def check_base_on_disk(adapter: Adapter, base: Path, allow_other_base: bool) -> str:

@@ -189,8 +189,12 @@ def _copy_range(fin, fout, info: TensorInfo, out_dtype: torch.dtype | None = Non
             fout.write(tensor_bytes(torch.frombuffer(bytearray(buf), dtype=src).to(out_dtype)))
 
 
-def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
+def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast: torch.dtype | None = None,
+                rows: dict[str, list[int]] | None = None) -> int:
     """Write ``shard`` to ``out`` with the tensors in ``replace`` substituted; returns the data bytes.
+
+    ``rows``: for a key in it, ``replace[key]`` [len(ids), ...] holds only rows ``ids`` (dim 0) of the
+    tensor (experts fused in one checkpoint tensor); the other rows are copied from the base.
 
     Keys, order and metadata are kept. A replacement is written in the base tensor's dtype (or
     ``cast``); with ``cast`` every floating-point tensor is cast too. Every other tensor is copied
@@ -219,8 +223,22 @@ def write_shard(shard: Shard, out: Path, replace: dict[str, torch.Tensor], cast:
         fout.write(struct.pack("<Q", len(raw)))
         fout.write(raw)
         for info, dt in plan:
-            if info.key in replace:
+            if info.key in (rows or {}):
+                _write_rows(fin, fout, info, dt, dict(zip(rows[info.key], replace[info.key])))
+            elif info.key in replace:
                 fout.write(tensor_bytes(replace[info.key].detach().to("cpu", dt)))
             else:
                 _copy_range(fin, fout, info, dt)  # dt None: the bytes as they are
     return offset
+
+
+def _write_rows(fin, fout, info: TensorInfo, out_dtype: torch.dtype, new_rows: dict[int, torch.Tensor]) -> None:
+    """Copy a tensor row by row (dim 0) in ``out_dtype``, writing ``new_rows`` {row: tensor} in place of the base's."""
+    n_rows = info.shape[0]
+    row_bytes = info.nbytes // n_rows
+    for r in range(n_rows):
+        if r in new_rows:
+            fout.write(tensor_bytes(new_rows[r].detach().to("cpu", out_dtype)))
+        else:
+            part = TensorInfo(info.key, info.file, info.dtype, info.shape[1:], info.start + r * row_bytes, row_bytes)
+            _copy_range(fin, fout, part, out_dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import get_family, moe_layers
+from .registry import UnsupportedModelError, check_model_type, get_family, model_class, moe_layers
 
 
 class CheckpointError(ValueError):
@@ -102,7 +102,7 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     then places each tensor as it reads the shards, so no full copy of the model is held in host RAM
     first. ``dtype="auto"`` is bf16 when a CUDA device with bf16 is used, fp32 otherwise.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -116,7 +116,11 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     if isinstance(dm, dict) and "disk" in dm.values():
         kwargs["offload_folder"] = offload_folder or _offload_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True, **kwargs)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        check_model_type(config)  # before loading any weight: a clear error for an unsupported family
+        model = model_class(config).from_pretrained(str(path), dtype=torch_dtype, local_files_only=True, **kwargs)
+    except UnsupportedModelError:
+        raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: could not load the model: {e}") from e
     get_family(model)

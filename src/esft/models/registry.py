@@ -1,92 +1,141 @@
-"""MoE model families as data.
+"""MoE model families: found from the model, with the few facts structure does not say kept as data.
 
-Each :class:`MoEFamily` entry says where a transformers 5.x model keeps its MoE blocks,
-routers, routed experts (fused 3-D tensors) and shared experts, how a router's logits become
-the gate values ESFT scores, and how the routed experts are named in the model's own
-checkpoint files. Nothing else in the package branches on the model family.
-
-Adding a family: add one entry to ``FAMILIES`` and one tiny config to ``tests/tiny_configs.py``;
-``tests/test_registry.py`` then checks the entry against a model built from that config.
+:func:`get_family` reads a loaded model's MoE structure (``discovery.py``: decoder-layer list, MoE
+block, router, fused experts, shared experts) and joins it with the model type's entry in
+``families.NOTES`` (gate-value definition, router output layout, experts calling convention). How the
+checkpoint names each expert tensor comes from transformers' own conversion mapping (``layout.py``).
+Nothing else in the package branches on the model family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .discovery import StructureError, discover
+from .families import NOTES, Notes
+from .layout import ExpertLayout, LayoutError, probe_layout, relocate
+from .routers import gate_values as _gate_values
 
 
 class UnsupportedModelError(ValueError):
     """The model is not a supported MoE family, or has no MoE layer."""
 
 
-@dataclass(frozen=True)
-class MoEFamily:
-    """Where the MoE parts of one model family live (module paths relative to a decoder layer)."""
-
-    model_type: str
-    moe_attr: str = "mlp"
-    router_attr: str = "gate"
-    experts_attr: str = "experts"
-    shared_attrs: tuple[str, ...] = ()
-    # How router logits [N, E] become gate values g(i,t): "softmax" (softmax over all experts,
-    # before any top-k renormalisation or scaling) or "sigmoid_topk_norm" (DeepSeek-V3: sigmoid
-    # affinities normalised over the chosen top-k, before the routed scaling factor).
-    affinity: str = "softmax"
-    # Names in the checkpoint files: "model.layers.{L}.{ckpt_moe_attr}.experts.{E}.{name}.weight".
-    ckpt_moe_attr: str = "mlp"
-    ckpt_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    layers_path: str = "model.layers"
-    doc: str = ""
-
-    def expert_key(self, layer: int, expert: int, part: str) -> str:
-        """Checkpoint key of one routed expert's projection; part in {"gate", "up", "down"}."""
-        name = dict(zip(("gate", "up", "down"), self.ckpt_expert_names))[part]
-        return f"model.layers.{layer}.{self.ckpt_moe_attr}.experts.{expert}.{name}.weight"
-
-    def checkpoint_name(self, param_name: str) -> str:
-        """Map a module parameter name (``model.named_parameters()``) to its checkpoint key."""
-        if self.ckpt_moe_attr != self.moe_attr:
-            return param_name.replace(f".{self.moe_attr}.", f".{self.ckpt_moe_attr}.")
-        return param_name
+def _model_type(config) -> str | None:
+    return getattr(config, "model_type", None)
 
 
-FAMILIES: dict[str, MoEFamily] = {
-    f.model_type: f
-    for f in [
-        MoEFamily("deepseek_v2", shared_attrs=("shared_experts",), doc="DeepSeek-V2 / V2-Lite (the paper's model)"),
-        MoEFamily(
-            "deepseek_v3",
-            shared_attrs=("shared_experts",),
-            affinity="sigmoid_topk_norm",
-            doc="DeepSeek-V3 / R1 (sigmoid router)",
-        ),
-        MoEFamily("qwen2_moe", shared_attrs=("shared_expert", "shared_expert_gate"), doc="Qwen1.5-MoE / Qwen2-MoE"),
-        MoEFamily("qwen3_moe", doc="Qwen3-MoE"),
-        MoEFamily(
-            "mixtral",
-            ckpt_moe_attr="block_sparse_moe",
-            ckpt_expert_names=("w1", "w3", "w2"),
-            doc="Mixtral 8x7B / 8x22B",
-        ),
-        MoEFamily("olmoe", doc="OLMoE"),
-    ]
-}
+def supported_model_types() -> list[str]:
+    """Model types with a family entry and no reason against them (structure is checked on loading)."""
+    return sorted(k for k, n in NOTES.items() if n.unsupported is None)
+
+
+FAMILIES: dict[str, Notes] = {k: n for k, n in sorted(NOTES.items()) if n.unsupported is None}
 
 
 def supported_families() -> str:
-    return ", ".join(f"{k} ({f.doc})" for k, f in FAMILIES.items())
+    return ", ".join(supported_model_types())
+
+
+def check_model_type(config) -> Notes:
+    """The family notes of ``config.model_type``; UnsupportedModelError naming the reason otherwise."""
+    model_type = _model_type(config)
+    notes = NOTES.get(model_type)
+    if notes is None:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not a supported MoE family (see `esft families`). "
+                                    f"Supported: {supported_families()}")
+    if notes.unsupported:
+        raise UnsupportedModelError(f"model_type {model_type!r} has fused experts but is not supported: {notes.unsupported}")
+    return notes
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Where the MoE parts of one loaded model live (module paths relative to a decoder layer) and how its
+    routers are read. ``gate``: see ``routers.py``; ``experts_kind``: "sparse" or "dense_bmm"."""
+
+    model_type: str
+    layers_path: str
+    moe_attr: str
+    router_attr: str
+    experts_attr: str
+    shared_attrs: tuple[str, ...]
+    gate: str
+    router_outputs: str
+    experts_kind: str
+    doc: str = ""
+    _renames: tuple = field(default=(), compare=False, repr=False)
+
+    @property
+    def affinity(self) -> str:  # the older name of ``gate``
+        return self.gate
+
+    def checkpoint_name(self, param_name: str) -> str:
+        """Checkpoint key of a (non-expert) module parameter name, by transformers' reverse renamings."""
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(param_name, list(self._renames)) if self._renames else param_name
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, MoEFamily]" = weakref.WeakKeyDictionary()
+
+
+def _renamings(model: nn.Module) -> tuple:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
+
+    try:
+        conv = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001 - a model transformers has no mapping for: names are kept
+        return ()
+    rev = [c.reverse_transform() for c in conv[::-1] if not isinstance(c, PrefixChange)]
+    return tuple(r for r in rev if isinstance(r, WeightRenaming))
 
 
 def get_family(model_or_config) -> MoEFamily:
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family. Supported: {supported_families()}"
-        )
-    return FAMILIES[model_type]
+    """The family of a loaded model (structure read from it). A config only checks the model type is
+    supported and returns the family of a skeleton model built on the meta device."""
+    if not isinstance(model_or_config, nn.Module):
+        config = getattr(model_or_config, "config", model_or_config)
+        check_model_type(config)
+        if not hasattr(config, "to_dict"):  # a bare namespace with a model_type: nothing more to read
+            return None  # type: ignore[return-value]
+        return get_family(meta_model(config))
+    model = model_or_config
+    fam = _CACHE.get(model)
+    if fam is not None:
+        return fam
+    notes = check_model_type(model.config)
+    try:
+        s = discover(model)
+    except StructureError as e:
+        raise UnsupportedModelError(str(e)) from None
+    fam = MoEFamily(model.config.model_type, s.layers_path, s.moe_attr, s.router_attr, s.experts_attr, s.shared_attrs,
+                    notes.gate, notes.outputs, notes.experts, notes.examples, _renamings(model))
+    _CACHE[model] = fam
+    return fam
+
+
+def meta_model(config) -> nn.Module:
+    """A weightless skeleton (meta device) of the model class esft loads for ``config``."""
+    with torch.device("meta"):
+        return model_class(config).from_config(config)
+
+
+def model_class(config):
+    """The auto class that loads ``config``: causal LM, else image-text-to-text (text-only ESFT of a
+    vision-language model's language model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise UnsupportedModelError(f"model_type {_model_type(config)!r}: transformers has no causal-LM or "
+                                "image-text-to-text class for it")
 
 
 def _getattr_path(obj, path: str):
@@ -102,9 +151,11 @@ class MoELayer:
     index: int  # the model's own decoder-layer index (used as the layer key in every file)
     block: nn.Module
     router: nn.Module
-    experts: nn.Module  # fused: gate_up_proj [E, 2*I, H], down_proj [E, H, I]
+    experts: nn.Module  # fused: gate_up_proj [E, 2I, H] (or transposed), down_proj [E, H, I], optional biases
     shared: list[tuple[str, nn.Module]]
     prefix: str  # module-name prefix of the block, e.g. "model.layers.5.mlp"
+    family: MoEFamily | None = None
+    _model: object = None
 
     @property
     def num_experts(self) -> int:
@@ -112,11 +163,40 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        for obj in (self.router, self.block):
+            for name in ("top_k", "num_experts_per_tok"):
+                if isinstance(getattr(obj, name, None), int):
+                    return int(getattr(obj, name))
+        return int(self._model.config.get_text_config().num_experts_per_tok)
+
+    @property
+    def experts_prefix(self) -> str:
+        return f"{self.prefix}.{self.family.experts_attr}"
+
+    def layout(self) -> ExpertLayout:
+        """The checkpoint names and layout of this layer's experts (see layout.py); cached per layer."""
+        per_model = _LAYOUTS.setdefault(self._model, {})
+        lay = per_model.get(self.index)
+        if lay is None:
+            ex = base_experts(self.experts)
+            shapes = tuple((n, tuple(p.shape)) for n, p in ex.named_parameters(recurse=False))
+            same = per_model.get(shapes)  # a layer with the same shapes: rename its keys, share its index maps
+            lay = relocate(same, self.experts_prefix) if same is not None else None
+            if lay is None:
+                try:
+                    lay = probe_layout(self._model, self.experts_prefix, ex)
+                except LayoutError as e:
+                    raise UnsupportedModelError(str(e)) from None
+                per_model.setdefault(shapes, lay)
+            per_model[self.index] = lay
+        return lay
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def base_experts(experts: nn.Module) -> nn.Module:
-    """The original fused experts module, also when wrapped for ESFT training."""
+    """The original fused experts module, also when wrapped for ESFT training or serving."""
     return getattr(experts, "base", experts)
 
 
@@ -126,39 +206,38 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     layers = _getattr_path(model, family.layers_path)
     found = []
     for i, layer in enumerate(layers):
-        block = getattr(layer, family.moe_attr, None)
+        block = _getattr_path(layer, family.moe_attr) if _has_path(layer, family.moe_attr) else None
         experts = getattr(block, family.experts_attr, None) if block is not None else None
         if experts is None or getattr(base_experts(experts), "gate_up_proj", None) is None:
             continue  # a dense layer (e.g. DeepSeek's first_k_dense_replace layers)
         shared = [(a, getattr(block, a)) for a in family.shared_attrs if getattr(block, a, None) is not None]
-        found.append(
-            MoELayer(
-                index=i,
-                block=block,
-                router=getattr(block, family.router_attr),
-                experts=experts,
-                shared=shared,
-                prefix=f"{family.layers_path}.{i}.{family.moe_attr}",
-            )
-        )
+        found.append(MoELayer(i, block, getattr(block, family.router_attr), experts, shared,
+                              f"{family.layers_path}.{i}.{family.moe_attr}", family, model))
     if not found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} ({family.model_type}) has no MoE layer with fused routed experts; "
-            f"ESFT needs routed experts. Supported families: {supported_families()}"
-        )
+        raise UnsupportedModelError(f"{type(model).__name__} ({family.model_type}) has no MoE layer with fused routed "
+                                    f"experts; ESFT needs routed experts. Supported families: {supported_families()}")
     return found
 
 
-def gate_values(family: MoEFamily, router_logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """Gate values g(i,t) of each token's chosen experts.
+def _has_path(obj, path: str) -> bool:
+    try:
+        _getattr_path(obj, path)
+        return True
+    except AttributeError:
+        return False
 
-    router_logits: [N, E]; topk_idx: [N, K] -> [N, K] float32, taken before any top-k
-    renormalisation or routed scaling factor (for softmax routers), as ESFT-Gate defines them.
-    """
-    logits = router_logits.float()
-    if family.affinity == "softmax":
-        return logits.softmax(dim=-1).gather(1, topk_idx)
-    if family.affinity == "sigmoid_topk_norm":
-        g = logits.sigmoid().gather(1, topk_idx)
-        return g / (g.sum(dim=-1, keepdim=True) + 1e-20)
-    raise ValueError(f"unknown affinity {family.affinity!r}")
+
+def router_scores(family: MoEFamily, router: nn.Module, outputs, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate values [N, K] float32, expert ids [N, K]) from one router call's outputs."""
+    from .routers import split_outputs
+
+    logits, ids = split_outputs(outputs, family.router_outputs, top_k)
+    if family.gate == "weights":  # the router's own normalised weights, before its routed scaling factor
+        scale = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+        return outputs[1].float() / scale, ids
+    return _gate_values(family.gate, logits, ids), ids
+
+
+def gate_values(family: MoEFamily, router_logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Gate values g(i,t) of each token's chosen experts: router_logits [N, E], topk_idx [N, K] -> [N, K]."""
+    return _gate_values(family.gate, router_logits, topk_idx)

@@ -33,16 +33,47 @@ TINY_CONFIGS: dict[str, dict] = {
 
 
 def tiny_config(family: str = "deepseek_v2", vocab_size: int = 512, num_layers: int = 3, hidden: int = 64, **over):
+    """A tiny config of model type ``family``: the hand-written ones above, else shrunk from the config
+    class's defaults (models/shrink.py) for every supported model type."""
     from transformers import AutoConfig
 
+    from .registry import check_model_type
+
     if family not in TINY_CONFIGS:
-        raise ValueError(f"no tiny config for {family!r}; have {sorted(TINY_CONFIGS)}")
+        check_model_type(type("C", (), {"model_type": family})())
+        return _shrunk_tiny(family, vocab_size, num_layers, hidden, over)
     kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=96, num_hidden_layers=num_layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
               bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
     kw.update(TINY_CONFIGS[family])
     kw.update(over)
     return AutoConfig.for_model(family, **kw)
+
+
+def _shrunk_tiny(family: str, vocab_size: int, num_layers: int, hidden: int, over: dict):
+    from .shrink import shrunk_config
+
+    text = {"vocab_size": vocab_size, "num_hidden_layers": num_layers, "hidden_size": hidden}
+    ids = {k: over.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in over}
+    cfg = shrunk_config(family, **over)
+    sub = cfg.get_text_config()
+    extra = {**text, **ids}
+    if sub is cfg:
+        return shrunk_config(family, **extra, **over)
+    name = next(k for k, v in vars(cfg).items() if v is sub)
+    return shrunk_config(family, **{name: extra}, **ids, **over)
+
+
+def spread_routers(model) -> None:
+    """Random init of transformers leaves routers near zero (uniform routing); spread them so that routing
+    depends on the input, as in a trained model."""
+    import torch
+
+    from .registry import moe_layers
+
+    with torch.no_grad():
+        for l in moe_layers(model):
+            l.router.weight.normal_(0, 0.5)
 
 
 def toy_task(n: int, seed: int = 0) -> list[dict]:
@@ -76,7 +107,8 @@ def make_tiny_checkpoint(out_dir: str | Path, family: str = "deepseek_v2", seed:
                          texts: list[str] | None = None, **config_over) -> Path:
     """Write a random tiny MoE checkpoint + tokenizer to ``out_dir``; returns the path."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .registry import model_class
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,13 +120,8 @@ def make_tiny_checkpoint(out_dir: str | Path, family: str = "deepseek_v2", seed:
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, **config_over)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    # Random init of transformers leaves routers near zero (uniform routing); spread them so
-    # that routing depends on the input, as in a trained model.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight") and p.dim() == 2 and p.shape[0] > 1:
-                p.normal_(0, 0.5)
+    model = model_class(cfg).from_config(cfg)
+    spread_routers(model)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.registry import MoEFamily, gate_values, get_family, moe_layers
+from ..models.registry import MoEFamily, get_family, moe_layers, router_scores
 
 
 @dataclass
@@ -81,7 +81,8 @@ class RouterObserver:
 
     def __enter__(self) -> "RouterObserver":
         for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._make_hook(layer.index, layer.num_experts)))
+            hook = self._make_hook(layer.index, layer.num_experts, layer.router, layer.top_k)
+            self._handles.append(layer.router.register_forward_hook(hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -96,10 +97,10 @@ class RouterObserver:
         self.num_sequences += int((per_seq > 0).sum())
         self.num_tokens += int(per_seq.sum())
 
-    def _make_hook(self, layer_idx: int, num_experts: int):
+    def _make_hook(self, layer_idx: int, num_experts: int, router: nn.Module, top_k: int):
         def hook(module, inputs, outputs):
-            # All supported routers return (router_logits [N, E], topk_weights [N, K], topk_idx [N, K]).
-            logits, _, topk_idx = outputs
+            # g [N, K] gate values and topk_idx [N, K] chosen experts, per the family's router layout
+            g, topk_idx = router_scores(self.family, router, outputs, top_k)
             mask = self._mask
             if mask is None:
                 raise RuntimeError("RouterObserver.begin_batch(attention_mask) must be called before each forward")
@@ -107,7 +108,6 @@ class RouterObserver:
             N, K = topk_idx.shape
             if N != B * T:
                 raise RuntimeError(f"layer {layer_idx}: router saw {N} tokens, batch mask has {B}x{T}")
-            g = gate_values(self.family, logits, topk_idx)  # [N, K]
             mask = mask.to(g.device)  # a device map may place this layer on another device than the inputs
             valid = mask.reshape(N).to(g.dtype)  # [N]
             n_tok = mask.sum(dim=1).clamp(min=1).to(g.dtype)  # [B]

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..adapter.fingerprint import model_fingerprint
-from ..adapter.io import Adapter, AdapterError, _check_expert_shapes, _split, check_base, read_adapter
+from ..adapter.io import Adapter, AdapterError, _split, check_base, read_adapter
 from ..models.registry import get_family, moe_layers
-from ..training.experts import EXPERT_PARAMS, _subset_copy
+from ..models.layout import expert_params
+from ..training.experts import _subset_copy
 
 
 class WovenExperts(nn.Module):
@@ -44,14 +45,15 @@ class WovenExperts(nn.Module):
         return self.E
 
     @torch.no_grad()
-    def build(self, experts: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> tuple:
-        """The new woven tensors for the adapters' experts ([(gate_up [2I,H], down [H,I]), ...]) and the
+    def build(self, experts: list[tuple[torch.Tensor, ...]], table: torch.Tensor) -> tuple:
+        """The new woven tensors for the adapters' experts ([(gate_up row, down row, biases...), ...] in
+        ``expert_params`` order) and the
         [A, E] index table, allocated but not installed (so a failure, e.g. out of memory, changes nothing)."""
         dev = self.base.gate_up_proj.device
         if not experts:
             return table.to(dev), None
         full = {}
-        for i, n in enumerate(EXPERT_PARAMS):
+        for i, n in enumerate(expert_params(self.base)):
             current = getattr(self.base, n).detach()
             full[n] = torch.cat([current, torch.stack([e[i] for e in experts]).to(dev, current.dtype)])  # [E+M, ...]
         return table.to(dev), full
@@ -62,7 +64,7 @@ class WovenExperts(nn.Module):
         self.table = table
         if full is None:
             if self.all is not self.base:  # give the base its own storage back, free the woven one
-                for n in EXPERT_PARAMS:
+                for n in expert_params(self.base):
                     setattr(self.base, n, nn.Parameter(getattr(self.base, n).detach().clone(), requires_grad=False))
                 self.all = self.base
             return
@@ -98,8 +100,12 @@ class Weaver:
     def __init__(self, model: nn.Module):
         self.model = model
         self.family = get_family(model)
+        if self.family.experts_kind != "sparse":
+            raise NotImplementedError(f"serving several adapters over one {self.family.model_type} model is not "
+                                      f"supported: its experts ({self.family.experts_kind}) take no expert ids to "
+                                      "rewrite; merge each adapter instead")
         self.layers = {l.index: l for l in moe_layers(model)}
-        # name -> (layer, expert) -> (gate_up [2I,H], down [H,I]): views of the woven rows once installed
+        # name -> (layer, expert) -> (gate_up row, down row, biases...): views of the woven rows once installed
         self.adapters: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.fingerprint = model_fingerprint(model)  # of the plain base, before any weaving
         for l in self.layers.values():
@@ -123,10 +129,13 @@ class Weaver:
             raise AdapterError(f"{a.path}: trains non-expert tensors ({sorted(rest)[:3]}...); only routed-expert "
                                "adapters can share one base model. Merge it into its own checkpoint instead.")
         experts = {}
-        for (l, e), parts in routed.items():
+        for l, tensors in routed.items():
             w = self.layers[l].experts.base
-            _check_expert_shapes(a, l, e, parts, w.gate_up_proj, w.down_proj)
-            experts[(l, e)] = (torch.cat([parts["gate"], parts["up"]], 0), parts["down"])
+            ids = list(a.expert_cfg["experts"][l])
+            params = dict(w.named_parameters(recurse=False))
+            rows = self.layers[l].layout().from_checkpoint(ids, tensors, params)
+            for s, e in enumerate(ids):
+                experts[(l, e)] = tuple(rows[n][s] for n in expert_params(w))
         self.adapters[name] = experts
         try:
             self._rebuild()
@@ -185,7 +194,7 @@ class Weaver:
         # Keep each adapter's experts only as views of the woven rows: no second copy in memory.
         for (name, layer, e), row in slots.items():
             woven = self.layers[layer].experts.all
-            self.adapters[name][(layer, e)] = (woven.gate_up_proj[row], woven.down_proj[row])
+            self.adapters[name][(layer, e)] = tuple(getattr(woven, n)[row] for n in expert_params(woven))
 
 
 def storage_bytes(model: nn.Module) -> int:

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..io import DataError
+from ..models.layout import expert_params
 from ..models.registry import MoEFamily, base_experts, get_family, moe_layers
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # always present; expert_params() adds a family's biases
 
 
 def expert_rows(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -81,15 +82,17 @@ def _unwrapped_class(module: nn.Module) -> type:
 
 
 def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
-    """A shallow copy of a fused experts module that owns only rows ``ids`` of its weights."""
+    """A shallow copy of a fused experts module that owns only rows ``ids`` of its expert tensors
+    (weights and, where the family has them, biases: every parameter with the experts along dim 0)."""
     names = {n for n, _ in experts.named_parameters(recurse=False)}
-    if names != set(EXPERT_PARAMS):
+    fused = set(expert_params(experts))
+    if names != fused:
         raise NotImplementedError(
-            f"{type(experts).__name__} has parameters {sorted(names)}; ESFT supports fused experts with "
-            f"exactly {EXPERT_PARAMS} (no biases)"
+            f"{type(experts).__name__} has parameters {sorted(names - fused)} that are not per-expert tensors "
+            f"(experts along dim 0); ESFT can only train per-expert rows"
         )
     # A shallow copy of the plain class: FSDP2 (fully_shard) swaps in a subclass whose __new__ re-runs
-    # __init__, and the copy must not share the original's FSDP state.
+    # __init__, and the copy must not be FSDP-managed anyway (its rows are replicated, see expert_rows).
     cls = _unwrapped_class(experts)
     sub = cls.__new__(cls)
     sub.__dict__.update(experts.__dict__)
@@ -99,17 +102,11 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
     sub._modules = OrderedDict(experts._modules)
     sub._forward_hooks = OrderedDict()
     sub._forward_pre_hooks = OrderedDict()
-    # torch's composable APIs (fully_shard) keep their per-module state in the module's __dict__: the
-    # copy is not the original's FSDP unit (under torchrun it is sharded on its own, see shard_trainable).
-    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
-
-    sub.__dict__.pop(STATE_KEY, None)
-    sub.__dict__.pop(REGISTRY_KEY, None)
     # accelerate's dispatch (device_map) rebinds `forward` on the instance to run *the original*
     # module through its device hook; the copy must run its own class forward on its own weights.
     for attr in ("forward", "_hf_hook", "_old_forward"):
         sub.__dict__.pop(attr, None)
-    for n in EXPERT_PARAMS:
+    for n in expert_params(experts):
         setattr(sub, n, nn.Parameter(expert_rows(getattr(experts, n).detach(), ids)))
     sub.num_experts = len(ids)
     return sub
@@ -118,10 +115,11 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
 class ESFTExperts(nn.Module):
     """Fused experts with a trainable subset. forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]."""
 
-    def __init__(self, base: nn.Module, selected: list[int]):
+    def __init__(self, base: nn.Module, selected: list[int], kind: str = "sparse"):
         super().__init__()
         if not selected:
             raise ValueError("ESFTExperts needs at least one selected expert")
+        self.kind = kind
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -141,7 +139,10 @@ class ESFTExperts(nn.Module):
     def num_experts(self) -> int:
         return self.base.num_experts
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None):
+        if self.kind == "dense_bmm":
+            return self._dense(hidden_states)
         slot = self.slot_of[top_k_index]  # [N, K]; -1 where the expert is frozen
         chosen = slot >= 0
         base_idx = top_k_index.masked_fill(chosen, self.base.num_experts)  # sentinel: skipped by base
@@ -160,6 +161,17 @@ class ESFTExperts(nn.Module):
         y = self.trained(rows, ids, weights)[: tok.numel()]  # [P, H]
         return out.index_add(0, tok, y.to(out.dtype))
 
+    def _dense(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Llama 4's experts: hidden [E * N, H], rows grouped by expert (already scaled by the router) ->
+        [E * N, H]. The frozen module runs all E experts; the selected experts' rows are replaced by the
+        trainable copy's output on the same rows."""
+        E = self.base.gate_up_proj.shape[0]
+        out = self.base(hidden_states).view(E, -1, hidden_states.shape[-1])  # [E, N, H]
+        idx = torch.tensor(self.selected, device=hidden_states.device)
+        mine = hidden_states.view(E, -1, hidden_states.shape[-1]).index_select(0, idx)  # [S, N, H]
+        y = self.trained(mine.reshape(-1, mine.shape[-1])).view(len(self.selected), -1, out.shape[-1])
+        return out.index_copy(0, idx, y.to(out.dtype)).view(-1, out.shape[-1])
+
     def _frozen(self, hidden_states, top_k_index, top_k_weights):
         eager = getattr(_unwrapped_class(self.base).forward, "__wrapped__", None)
         # Hooks (FSDP2 unsharding, expert-parallel token dispatch, accelerate offload) run only through
@@ -174,10 +186,10 @@ class ESFTExperts(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> dict[str, torch.Tensor]:
-        """The fused tensors with the trained rows written back: {"gate_up_proj": [E,2I,H], "down_proj": [E,H,I]}."""
+        """The fused tensors with the trained rows written back: {"gate_up_proj": [E,2I,H], "down_proj": [E,H,I], ...}."""
         idx = torch.tensor(self.selected, device=self.base.gate_up_proj.device)
         out = {}
-        for n in EXPERT_PARAMS:
+        for n in expert_params(self.base):
             w = getattr(self.base, n).detach().clone()
             w.index_copy_(0, idx, getattr(self.trained, n).detach().to(w.dtype))
             out[n] = w
@@ -190,6 +202,7 @@ class TrainablePlan:
 
     family: MoEFamily
     expert_cfg: dict
+    model: nn.Module | None = None
     params: "OrderedDict[str, nn.Parameter]" = field(default_factory=OrderedDict)  # module name -> param
     wrappers: dict[int, ESFTExperts] = field(default_factory=dict)  # layer -> wrapper
 
@@ -211,13 +224,10 @@ class TrainablePlan:
             return (source[name_of[id(p)]] if source is not None else p).detach()
 
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        layers = {l.index: l for l in moe_layers(self.model)} if self.wrappers else {}
         for layer, w in sorted(self.wrappers.items()):
-            gu, down = read(w.trained.gate_up_proj), read(w.trained.down_proj)
-            inter = gu.shape[1] // 2
-            for s, e in enumerate(w.selected):
-                out[self.family.expert_key(layer, e, "gate")] = gu[s, :inter].contiguous()
-                out[self.family.expert_key(layer, e, "up")] = gu[s, inter:].contiguous()
-                out[self.family.expert_key(layer, e, "down")] = down[s].contiguous()
+            rows = {n: read(getattr(w.trained, n)) for n in expert_params(w.trained)}
+            out.update(sorted(layers[layer].layout().to_checkpoint(w.selected, rows).items()))
         for name, p in self.params.items():
             if ".trained." in name:
                 continue
@@ -283,11 +293,11 @@ def apply_esft(model: nn.Module, expert_cfg: dict, prepare=None) -> TrainablePla
                 f"trained experts must be in memory: {OFFLOAD_HINT.format(module=l.prefix.rsplit('.', 1)[0])}"
             )
         if selected and not isinstance(l.experts, ESFTExperts):
-            wrapper = ESFTExperts(l.experts, selected)
+            wrapper = ESFTExperts(l.experts, selected, family.experts_kind)
             setattr(l.block, family.experts_attr, wrapper)
             if prepare is not None:
                 prepare(wrapper)
-    plan = TrainablePlan(family=family, expert_cfg=expert_cfg)
+    plan = TrainablePlan(family=family, expert_cfg=expert_cfg, model=model)
     for name, p in model.named_parameters():
         if p.requires_grad:
             plan.params[name] = p
