@@ -2,7 +2,9 @@
 # GPU checks, for a machine with one CUDA GPU (the test suite runs on CPU; this is what it cannot show):
 #   1. `esft train` in bf16 on the GPU, alone and under `torchrun --nproc_per_node=1` (NCCL process
 #      group, FSDP2-sharded trainable copy, DCP checkpoints: the distributed code path with a world of
-#      one), and a torchrun run interrupted after 3 steps and resumed: losses and adapters compared;
+#      one), and a torchrun run interrupted after 3 steps and resumed; each with and without
+#      deterministic=true, and the plain run twice (what the GPU's own non-determinism moves): losses and
+#      adapters compared; `esft profile` alone and under torchrun;
 #   2. benchmarks/mixed_precision.py on the GPU (bf16 + fp32 masters vs fp32 vs bf16 in place);
 #   3. benchmarks/plan_vs_gpu.py: `esft plan`'s estimate against measured peak CUDA memory.
 #
@@ -26,13 +28,22 @@ COMMON="model=$W/tiny/model train_data=$W/tiny/train.jsonl expert_config=$W/sel.
         save_every=3 eval_every=3 log_every=1 lr=1e-3 dtype=bfloat16 device=$DEVICE tensorboard=false adapter_dtype=float32"
 RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1 -m esft"
 t0=$(date +%s)
-$PY -m esft train $COMMON steps=6 output_dir="$W/plain" --quiet >"$OUT/plain.log" 2>&1 || { tail -30 "$OUT/plain.log"; }
+$PY -m esft train $COMMON steps=6 output_dir="$W/plain" --quiet >"$OUT/plain.log" 2>&1 || tail -30 "$OUT/plain.log"
 t1=$(date +%s)
-$RUN train $COMMON steps=6 output_dir="$W/nccl" --quiet >"$OUT/nccl.log" 2>&1 || { tail -30 "$OUT/nccl.log"; }
+$RUN train $COMMON steps=6 output_dir="$W/nccl" --quiet >"$OUT/nccl.log" 2>&1 || tail -30 "$OUT/nccl.log"
 t2=$(date +%s)
-$RUN train $COMMON steps=3 output_dir="$W/resumed" --quiet >"$OUT/resumed.log" 2>&1 || { tail -30 "$OUT/resumed.log"; }
-$RUN train $COMMON steps=6 resume=true output_dir="$W/resumed" --quiet >>"$OUT/resumed.log" 2>&1 || { tail -30 "$OUT/resumed.log"; }
 echo "wall: plain $((t1 - t0)) s, torchrun $((t2 - t1)) s (process start, load and 6 steps each)"
+# the same run again: how much do a GPU's non-deterministic kernels alone move the result?
+$PY -m esft train $COMMON steps=6 output_dir="$W/plain2" --quiet >>"$OUT/plain.log" 2>&1 || tail -30 "$OUT/plain.log"
+# 3 steps, then resumed to 6, under torchrun
+$RUN train $COMMON steps=3 output_dir="$W/resumed" --quiet >"$OUT/resumed.log" 2>&1 || tail -30 "$OUT/resumed.log"
+$RUN train $COMMON steps=6 resume=true output_dir="$W/resumed" --quiet >>"$OUT/resumed.log" 2>&1 || tail -30 "$OUT/resumed.log"
+# deterministic kernels: alone, under torchrun, and resumed under torchrun
+$PY -m esft train $COMMON steps=6 deterministic=true output_dir="$W/det_plain" --quiet >"$OUT/det.log" 2>&1 || tail -30 "$OUT/det.log"
+$RUN train $COMMON steps=6 deterministic=true output_dir="$W/det_nccl" --quiet >>"$OUT/det.log" 2>&1 || tail -30 "$OUT/det.log"
+$RUN train $COMMON steps=3 deterministic=true output_dir="$W/det_resumed" --quiet >>"$OUT/det.log" 2>&1 || tail -30 "$OUT/det.log"
+$RUN train $COMMON steps=6 deterministic=true resume=true output_dir="$W/det_resumed" --quiet >>"$OUT/det.log" 2>&1 || tail -30 "$OUT/det.log"
+grep -h "UserWarning" "$OUT/det.log" | sort | uniq -c | head -5
 $PY - "$W" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -40,25 +51,22 @@ from safetensors.torch import load_file
 w = Path(sys.argv[1])
 def losses(run):
     rows = [json.loads(l) for l in (w / run / "train_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r], [r["valid_loss"] for r in rows if "valid_loss" in r]
+    return [r["loss"] for r in rows if "loss" in r] + [r["valid_loss"] for r in rows if "valid_loss" in r]
 def adapter(run):
     return load_file(str(w / run / "last" / "adapter.safetensors"))
-base_l, base_v = losses("plain")
-print("plain   losses", [f"{x:.5f}" for x in base_l], "valid", [f"{x:.5f}" for x in base_v])
-for run in ("nccl", "resumed"):
+for run, ref in [("plain2", "plain"), ("nccl", "plain"), ("resumed", "nccl"), ("det_nccl", "det_plain"),
+                 ("det_resumed", "det_nccl")]:
     try:
-        l, v = losses(run)
-        a, b = adapter("plain"), adapter(run)
+        l, lr_, a, b = losses(run), losses(ref), adapter(run), adapter(ref)
     except Exception as e:
-        print(run, "FAILED:", e); continue
-    rel = max(abs(x - y) / abs(y) for x, y in zip(l + v, base_l + base_v))
-    arel = max(float(((a[k] - b[k]).abs().max() / a[k].abs().max())) for k in a)
-    same = all(bool((a[k] == b[k]).all()) for k in a) and a.keys() == b.keys()
-    print(f"{run:<7} losses", [f"{x:.5f}" for x in l], "valid", [f"{x:.5f}" for x in v])
-    print(f"{run:<7} vs plain: max relative loss difference {rel:.2e}; adapter max |diff|/max|w| {arel:.2e}; "
-          f"adapter bit-identical: {same}")
+        print(f"{run} vs {ref}: FAILED: {e}"); continue
+    rel = max(abs(x - y) / abs(y) for x, y in zip(l, lr_))
+    arel = max(float(((a[k] - b[k]).abs().max() / b[k].abs().max())) for k in b)
+    same = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in b)
+    print(f"{run:>11} vs {ref:<9}: losses (train + valid) max relative difference {rel:.2e}; adapter max |diff|/max|w| "
+          f"{arel:.2e}; bit-identical: losses {l == lr_}, adapter {same}")
 meta = json.loads((w / "nccl" / "last" / "esft_adapter.json").read_text())
-print("nccl adapter metadata: dtype", meta.get("dtype"), "trained_dtype", meta.get("trained_dtype"))
+print("torchrun adapter metadata: dtype", meta.get("dtype"), "trained_dtype", meta.get("trained_dtype"))
 EOF
 echo "profiling under torchrun ($DEVICE) against one process:"
 $PY -m esft profile --model "$W/tiny/model" --data "$W/tiny/train.jsonl" --out "$W/one.json" --device $DEVICE \

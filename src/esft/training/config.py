@@ -48,6 +48,9 @@ class TrainConfig:
     adapter_dtype: str = _f("base", "dtype of the saved adapter: base (the base checkpoint's, e.g. bf16) or float32 "
                             "(the fp32 master weights as trained)")
     seed: int = _f(5934875, "seed for data order and validation split")
+    deterministic: bool = _f(False, "deterministic kernels only (torch.use_deterministic_algorithms; on CUDA also "
+                                    "CUBLAS_WORKSPACE_CONFIG): GPU runs repeat bit for bit, somewhat slower; ops "
+                                    "without a deterministic kernel warn")
     overwrite: bool = _f(False, "replace an existing output_dir")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir")
     tensorboard: bool = _f(True, "write TensorBoard logs to output_dir/tb")

@@ -265,6 +265,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     job.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if cfg.deterministic:  # CUDA's atomics (index_add, scatter) and split-K matmuls otherwise vary run to run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if model is None and job.enabled:
         check_expert_counts(cfg.model, cfg.ep_size)
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
