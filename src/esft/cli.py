@@ -109,6 +109,22 @@ def cmd_make_tiny(a) -> int:
     return 0
 
 
+def cmd_families(a) -> int:
+    from .models.catalog import family_status
+
+    rows = family_status(check=a.check)
+    if a.json:
+        import json
+
+        print(json.dumps([vars(r) for r in rows], indent=1))
+        return 0
+    _table(f"MoE model types of the installed transformers ({sum(r.supported for r in rows)} of {len(rows)} supported)",
+           ["model_type", "status", "gate", "examples / reason"],
+           [[r.model_type, "supported" if r.supported else "not supported", r.gate, r.examples if r.supported else r.reason]
+            for r in rows if r.supported or not a.supported])
+    return 0
+
+
 def cmd_plan(a) -> int:
     from .planning import PlanConfig, describe, make_plan, table_rows, to_json, verdict
 
@@ -383,11 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
     sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl)")
-    sp.add_argument("--family", default="deepseek_v2", help="model family (deepseek_v2, deepseek_v3, qwen2_moe, "
-                    "qwen3_moe, mixtral, olmoe)")
+    sp.add_argument("--family", default="deepseek_v2", help="model type: any supported one (`esft families`), "
+                    "e.g. deepseek_v2, gpt_oss, qwen3_next, llama4")
     sp.add_argument("--examples", type=int, default=400, help="training examples of the toy task")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
     sp.set_defaults(func=cmd_make_tiny)
+
+    sp = sub.add_parser("families", help="every MoE model type of the installed transformers and whether esft "
+                        "supports it", description="List every model type whose transformers code has fused routed "
+                        "experts (3-D gate_up_proj / down_proj), with its status: supported (with the router's gate "
+                        "function and example models) or not supported, with the reason.")
+    sp.add_argument("--supported", action="store_true", help="list only the supported model types")
+    sp.add_argument("--check", action="store_true", help="also build each supported type's tiny config on the meta "
+                    "device and read its MoE structure (a few seconds)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=cmd_families)
 
     sp = sub.add_parser("plan", help="per-GPU memory of a training layout, from config.json alone (no weights read)",
                         description="Estimate per-rank memory (weights, fp32 masters, gradients, AdamW state, "

@@ -44,7 +44,8 @@ def supported_families() -> str:
 def check_model_type(config) -> Notes:
     """The family notes of ``config.model_type``; UnsupportedModelError naming the reason otherwise."""
     model_type = _model_type(config)
-    notes = NOTES.get(model_type)
+    # a multimodal family's text model reports its own type ("llama4_text", "qwen3_5_moe_text")
+    notes = NOTES.get(model_type) or NOTES.get(str(model_type).removesuffix("_text"))
     if notes is None:
         raise UnsupportedModelError(f"model_type {model_type!r} is not a supported MoE family (see `esft families`). "
                                     f"Supported: {supported_families()}")

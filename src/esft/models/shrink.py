@@ -29,6 +29,7 @@ SHRINK_OVERRIDES: dict[str, dict] = {
     "glm5_next": {"num_key_value_heads": 4},
     "hunyuan_v1_moe": {"head_dim": 16},
     "zaya": {"num_experts_per_tok": 1},
+    "glm4v_moe": {"text_config": {"head_dim": 64}},
     "lfm2_moe": {"layer_types": ["full_attention", "conv", "full_attention"]},
 }
 

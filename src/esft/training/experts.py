@@ -177,12 +177,28 @@ class ESFTExperts(nn.Module):
         # Hooks (FSDP2 unsharding, expert-parallel token dispatch, accelerate offload) run only through
         # the module call: with any of them, the frozen half must go through it.
         hooked = bool(self.base._forward_pre_hooks or self.base._forward_hooks)
-        if eager is not None and not hooked and hidden_states.device.type == "cpu" and hidden_states.requires_grad:
+        if (eager is not None and not hooked and hidden_states.device.type == "cpu" and hidden_states.requires_grad
+                and self._eager_skips_sentinel(eager, hidden_states)):
             # transformers' CPU fallback for grouped_mm always computes (and allocates) the weight
             # gradient of all E experts, frozen or not; the model's own eager loop computes only the
             # input gradient here, which is all that frozen experts need.
             return eager(self.base, hidden_states, top_k_index, top_k_weights)
         return self.base(hidden_states, top_k_index, top_k_weights)
+
+    def _eager_skips_sentinel(self, eager, hidden_states) -> bool:
+        """Whether the class's own eager loop skips the sentinel id E (gpt-oss's one_hot has no class for it)."""
+        ok = getattr(self, "_eager_ok", None)
+        if ok is None:
+            E = self.base.gate_up_proj.shape[0]
+            h = hidden_states.new_zeros((1, hidden_states.shape[-1])).detach()
+            try:
+                with torch.no_grad():
+                    eager(self.base, h, torch.full((1, 1), E, device=h.device), h.new_ones((1, 1)))
+                ok = True
+            except (RuntimeError, IndexError):
+                ok = False
+            self._eager_ok = ok
+        return ok
 
     @torch.no_grad()
     def merged(self) -> dict[str, torch.Tensor]:
@@ -293,6 +309,7 @@ def apply_esft(model: nn.Module, expert_cfg: dict, prepare=None) -> TrainablePla
                 f"trained experts must be in memory: {OFFLOAD_HINT.format(module=l.prefix.rsplit('.', 1)[0])}"
             )
         if selected and not isinstance(l.experts, ESFTExperts):
+            l.layout()  # read (and cache) the checkpoint layout from the plain module, before it is wrapped
             wrapper = ESFTExperts(l.experts, selected, family.experts_kind)
             setattr(l.block, family.experts_attr, wrapper)
             if prepare is not None:
