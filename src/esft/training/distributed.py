@@ -171,7 +171,8 @@ def join(device: str = "auto", timeout_s: int = 600) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        kw = {"device_id": torch.device(f"cuda:{local}")} if cuda else {}  # NCCL binds the GPU at once
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return Dist(rank, world, f"cuda:{local}" if cuda else "cpu", joined=True)
 
 
