@@ -92,7 +92,7 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
             f"(experts along dim 0); ESFT can only train per-expert rows"
         )
     # A shallow copy of the plain class: FSDP2 (fully_shard) swaps in a subclass whose __new__ re-runs
-    # __init__, and the copy must not be FSDP-managed anyway (its rows are replicated, see expert_rows).
+    # __init__, and the copy must not share the original's FSDP state.
     cls = _unwrapped_class(experts)
     sub = cls.__new__(cls)
     sub.__dict__.update(experts.__dict__)
@@ -102,6 +102,12 @@ def _subset_copy(experts: nn.Module, ids: list[int]) -> nn.Module:
     sub._modules = OrderedDict(experts._modules)
     sub._forward_hooks = OrderedDict()
     sub._forward_pre_hooks = OrderedDict()
+    # torch's composable APIs (fully_shard) keep their per-module state in the module's __dict__: the
+    # copy is not the original's FSDP unit (under torchrun it is sharded on its own, see shard_trainable).
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+
+    sub.__dict__.pop(STATE_KEY, None)
+    sub.__dict__.pop(REGISTRY_KEY, None)
     # accelerate's dispatch (device_map) rebinds `forward` on the instance to run *the original*
     # module through its device hook; the copy must run its own class forward on its own weights.
     for attr in ("forward", "_hf_hook", "_old_forward"):
