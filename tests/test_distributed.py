@@ -126,6 +126,26 @@ def test_bf16_under_fsdp_keeps_fp32_masters_and_tracks_one_process(tiny_dir, tmp
 
 
 @pytest.mark.slow
+def test_full_fine_tuning_on_two_processes_equals_one(tiny_dir, tmp_path):
+    """Full fine-tuning under torchrun: every weight an FSDP2 shard; the saved model equals one process's."""
+    kw = dict(method="full", expert_config=None, steps=3, save_every=3, eval_every=3)
+    train(TrainConfig(**_settings(tiny_dir, tmp_path / "one", **kw)), progress=False)
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "two", **kw))
+    assert res.returncode == 0, res.stderr[-4000:]
+    la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(la) == len(lb) == 4
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "valid_loss"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra, rb)
+    a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "two" / "best" / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [1, 2, 4], ids=["fsdp4", "ep2+fsdp4", "ep4+fsdp4"])
 def test_four_processes_equal_one(tiny_dir, tmp_path, single, ep_size):
     """4 processes on 2 cores (slow: run with -m slow)."""
@@ -196,10 +216,22 @@ def test_layouts_that_do_not_fit_are_refused(tiny_dir, tmp_path):
         check_layout(cfg(fsdp_size=4), 2)
     with pytest.raises(ValueError, match="batch_size=3 must be a multiple of the 2 processes"):
         check_layout(cfg(batch_size=3), 2)
-    with pytest.raises(NotImplementedError, match="method=full under torchrun"):
-        check_layout(cfg(method="full", expert_config=None), 2)
+    with pytest.raises(NotImplementedError, match="method=lora under torchrun"):
+        check_layout(cfg(method="lora", expert_config=None), 2)
+    with pytest.raises(NotImplementedError, match="method=full with ep_size=2"):
+        check_layout(cfg(method="full", expert_config=None, ep_size=2), 2)
     with pytest.raises(ValueError, match="ep_size=3 does not divide the model's 16 routed experts"):
         check_expert_counts(str(tiny_dir / "model"), 3)
+
+
+def test_an_expert_config_for_another_model_stops_every_rank_with_its_error(tiny_dir, tmp_path):
+    bad = tmp_path / "other_model.json"
+    bad.write_text(json.dumps({"experts": {"1": [0], "7": [2]}}))  # the tiny model has MoE layers 1 and 2
+    res = torchrun(tmp_path / "ranks", "train", _settings(tiny_dir, tmp_path / "bad", expert_config=str(bad)),
+                   timeout=200)
+    assert res.returncode != 0
+    assert "layer 7 is not an MoE layer of this model" in res.stdout + res.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_distributed_profile_equals_one_process(tiny_dir, tmp_path):

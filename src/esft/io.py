@@ -65,8 +65,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
 
     An exception or Ctrl-C inside the block removes the temporary directory and leaves
-    ``final`` as it was. Replacing an existing directory takes two renames (old -> trash,
-    new -> final); a crash between them leaves the old copy under ``.{name}.old-*``.
+    ``final`` as it was (see :func:`publish_dir` for the replacement itself).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -75,19 +74,29 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
-        fsync_tree(tmp)  # file contents reach the disk before the rename makes them visible
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make the finished directory ``tmp`` visible as ``final``, replacing what was there.
+
+    Contents are synced to disk before the rename. Replacing an existing directory takes two
+    renames (old -> trash, new -> final); a crash between them leaves the old copy under
+    ``.{name}.old-*``.
+    """
+    fsync_tree(tmp)  # file contents reach the disk before the rename makes them visible
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.rmdir(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

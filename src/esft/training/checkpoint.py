@@ -10,9 +10,10 @@ checkpoint written by N processes resumes on M (one included): the sharded train
 cut differently. The optimizer state is stored per parameter *name*, not by AdamW's integer slots,
 so it does not depend on the order in which a run built its optimizer.
 
-Atomicity: every rank writes into ``.step-N.tmp``; once all have finished, rank 0 writes
-state.json, syncs the tree to disk and renames the directory into place. An interrupted save leaves
-the previous checkpoint as it was. Several nodes need the output directory on a shared filesystem.
+Atomicity: every rank writes into one temporary directory (``Dist.atomic_dir``); once all have
+finished, rank 0 writes state.json, syncs the tree to disk and renames the directory into place. An
+interrupted save leaves the previous checkpoint as it was. Several nodes need the output directory
+on a shared filesystem.
 
 Checkpoints of earlier versions (trainable.pt + optimizer.pt, one process) are still read.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import DataError, fsync_dir, fsync_tree, write_json_atomic
+from ..io import DataError, write_json_atomic
 from .distributed import Dist
 from .precision import MasterWeights
 
@@ -84,22 +85,13 @@ def save(out: Path, step: int, masters: MasterWeights, opt, state: dict, keep: i
     import torch.distributed.checkpoint as dcp
 
     final = out / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    if job.main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was interrupted
-        tmp.mkdir(parents=True)
-    job.barrier()
-    # With no process group (one process) DCP writes alone; under torchrun every rank writes its shards.
-    with _quiet():
-        dcp.save(_state_dict(masters, opt), checkpoint_id=str(tmp / "state"))
-    job.barrier()
-    if job.main:
-        write_json_atomic(tmp / "state.json", {**state, "step": step})
-        fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a resumed run): the new one replaces it
-            shutil.rmtree(final)
-        tmp.replace(final)
-        fsync_dir(final.parent)
+    with job.atomic_dir(final) as tmp:  # one temporary directory that all ranks write into
+        # With no process group (one process) DCP writes alone; under torchrun every rank writes its shards.
+        with _quiet():
+            dcp.save(_state_dict(masters, opt), checkpoint_id=str(tmp / "state"))
+        if job.main:  # written last: a directory without it was never completed
+            write_json_atomic(tmp / "state.json", {**state, "step": step})
+    if job.main:  # a step saved again (a resumed run) has replaced the older one
         for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     job.barrier()

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers.distributed import DistributedConfig
@@ -81,6 +84,30 @@ class Dist:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad.div_(self.loss_scale)
+
+    @contextmanager
+    def atomic_dir(self, final):
+        """``io.atomic_dir`` for a directory every rank writes into (DCP shards, an FSDP model's save).
+
+        All ranks get the same temporary path; once every rank has left the block, rank 0 publishes it.
+        """
+        from ..io import atomic_dir, publish_dir
+
+        if not self.enabled:
+            with atomic_dir(final) as tmp:
+                yield tmp
+            return
+        final = Path(final)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was interrupted
+            tmp.mkdir(parents=True)
+        self.barrier()
+        yield tmp
+        self.barrier()
+        if self.main:
+            publish_dir(tmp, final)
+        self.barrier()
 
     @staticmethod
     def reshard(model: torch.nn.Module) -> None:
@@ -197,9 +224,12 @@ def check_layout(cfg, world: int) -> None:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes: each step's "
                          f"micro-batch is split evenly over them (so the result equals one process)")
-    if cfg.method != "esft":
-        raise NotImplementedError(f"method={cfg.method} under torchrun is not implemented yet: only ESFT trains "
-                                  "distributed (see the README)")
+    if cfg.method == "lora":
+        raise NotImplementedError("method=lora under torchrun is not implemented yet: ESFT and full fine-tuning "
+                                  "train distributed (see the README)")
+    if cfg.method == "full" and cfg.ep_size > 1:
+        raise NotImplementedError(f"method=full with ep_size={cfg.ep_size} is not implemented: full fine-tuning "
+                                  "under torchrun shards everything with FSDP2 alone (leave ep_size=1)")
 
 
 def distributed_config(cfg, world: int):

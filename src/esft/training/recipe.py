@@ -34,7 +34,7 @@ from ..adapter.io import save_adapter
 from ..config import to_yaml
 from ..data.conversations import load_examples
 from ..data.packing import Packed, pack
-from ..io import DataError, atomic_dir
+from ..io import DataError
 from ..models.loading import checkpoint_dtype, input_device, load_model
 from ..selection.select import read_expert_config
 from .config import TrainConfig
@@ -350,18 +350,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if job.main:
             save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=whole)
 
+    def save_model(where: Path):
+        """full: a whole checkpoint (+ tokenizer); lora: the PEFT adapter directory."""
+        if job.enabled:
+            job.reshard(model)
+        with job.atomic_dir(where) as tmp:
+            model.save_pretrained(str(tmp))  # under FSDP2 every rank gathers its shards, rank 0 writes
+            if cfg.method == "full" and job.main:
+                tokenizer.save_pretrained(str(tmp))
+
     def save_best(step: int):
         if plan is not None:
             write_adapter(out / "adapter", step, valid_loss=best)
-        elif not job.main:
-            return
-        elif cfg.method == "lora":
-            with atomic_dir(out / "adapter") as tmp:
-                model.save_pretrained(str(tmp))
         else:  # full fine-tuning keeps its best whole checkpoint, as the others keep their best adapter
-            with atomic_dir(out / "best") as tmp:
-                model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+            save_model(out / ("adapter" if cfg.method == "lora" else "best"))
 
     model.train()
     t0 = time.perf_counter()
@@ -434,14 +436,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if valid_data is None:
             write_adapter(out / "adapter", cfg.steps)
         adapter_dir = str(out / "adapter")
-    elif job.main:  # full: a whole checkpoint; lora: the PEFT adapter directory
-        with atomic_dir(out / "last") as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
+    else:
+        save_model(out / "last")
         if cfg.method == "lora":
             if valid_data is None:
-                with atomic_dir(out / "adapter") as tmp:
-                    model.save_pretrained(str(tmp))
+                save_model(out / "adapter")
             adapter_dir = str(out / "adapter")
     job.barrier()  # every rank returns once rank 0 has written everything
     return TrainResult(
