@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,eval,serve]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,eval,serve,harness]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -148,8 +148,27 @@ def cmd_eval(a) -> int:
                      general=a.general, n_general=a.n_general, batch_size=a.batch_size,
                      max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed, judge_url=a.judge_url,
                      judge_model=a.judge_model, judge_key_env=a.judge_key_env, template=a.template,
-                     overlong=a.overlong, device_map=a.device_map)
-    s = run_eval(cfg)
+                     overlong=a.overlong, device_map=a.device_map, harness=a.harness,
+                     harness_include=a.harness_include, harness_builtin=not a.harness_no_builtin,
+                     harness_limit=a.harness_limit, harness_fewshot=a.harness_fewshot,
+                     harness_unsafe_code=a.harness_unsafe_code)
+    from .eval.harness import HarnessNotInstalled
+
+    try:
+        s = run_eval(cfg)
+    except HarnessNotInstalled as e:
+        print(f"esft eval: error: {e}", file=sys.stderr)
+        return 2
+    if "harness" in s:
+        _table(f"lm-evaluation-harness {s['harness']['lm_eval']} ({cfg.model or 'shipped model'}, {s['model_kind']})",
+               ["task", "metric", "value", "documents"],
+               [[t, k, f"{v:.4f}" if isinstance(v, float) else str(v), s["harness"]["n"].get(t, "")]
+                for t, r in s["harness"]["results"].items() for k, v in r.items() if "stderr" not in k
+                and isinstance(v, (int, float))])
+        if "overlong" not in s:  # harness tasks only
+            if cfg.out:
+                print(f"wrote {cfg.out}/summary.json and harness_<task>.jsonl")
+            return 0
     o = s["overlong"]
     over = (f"{o['count']} of {o['of']}" + (f", {o['action']}" if o["count"] else "")
             + f" (context {o['context'] or 'unknown'}, max new tokens {o['max_new_tokens']})")
@@ -214,11 +233,15 @@ def cmd_serve(a) -> int:
         raise ConfigError(f"esft serve: {e}") from None
     if a.max_body_bytes < 1:
         raise ConfigError(f"esft serve: --max-body-bytes must be >= 1, got {a.max_body_bytes}")
+    if a.max_adapters < 1 or (a.max_adapter_experts is not None and a.max_adapter_experts < 1):
+        raise ConfigError(f"esft serve: --max-adapters and --max-adapter-experts must be >= 1, got "
+                          f"{a.max_adapters} and {a.max_adapter_experts}")
     serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
                       host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
                       admin_token=os.environ.get(a.admin_token_env) or None, max_batch=a.max_batch,
                       dtype=a.dtype, device=a.device, device_map=a.device_map, template=a.template,
-                      scheduler=a.scheduler, limits=limits, max_body_bytes=a.max_body_bytes))
+                      scheduler=a.scheduler, limits=limits, max_body_bytes=a.max_body_bytes,
+                      max_adapters=a.max_adapters, max_adapter_experts=a.max_adapter_experts))
     return 0
 
 
@@ -324,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: refuse)")
     sp.add_argument("--device-map", default=None, help="spread the model over devices while loading: auto, cpu, "
                     "cuda:0, or a JSON file {module: device} (default: all on one device)")
+    sp.add_argument("--harness", default=None, help="also (or only) evaluate with lm-evaluation-harness: comma-separated "
+                    "task names, e.g. mmlu,gsm8k,ifeval (needs the 'harness' extra; the model is evaluated as loaded, "
+                    "an ESFT adapter attached, not merged)")
+    sp.add_argument("--harness-include", default=None, help="directory of extra harness task YAML files")
+    sp.add_argument("--harness-no-builtin", action="store_true", help="index only --harness-include's tasks, not "
+                    "the harness's own (faster start)")
+    sp.add_argument("--harness-limit", type=int, default=None, help="at most this many documents per harness task")
+    sp.add_argument("--harness-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    sp.add_argument("--harness-unsafe-code", action="store_true", help="allow harness tasks that execute the "
+                    "model's code (humaneval, mbpp)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="the whole ESFT story on the shipped small MoE model (CPU, minutes)",
@@ -395,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the running decodes; longer prompts take several steps (default: 256)")
     sp.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger: 413 "
                     "(default: 1 MiB)")
+    sp.add_argument("--max-adapters", type=int, default=64, help="adapters loaded at once; one more is refused "
+                    "until one is unloaded (default: 64)")
+    sp.add_argument("--max-adapter-experts", type=int, default=None, help="adapter expert slots per MoE layer, "
+                    "preallocated beside the base and shared by all loaded adapters: memory is the base + these "
+                    "slots, and an adapter that needs more in some layer is refused (default: a quarter of the "
+                    "layer's experts, at least 4)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")

@@ -48,10 +48,19 @@ class EvalConfig:
                                                       "refuse, truncate (keep their last tokens) or skip"})
     device_map: str | dict | None = field(default=None, metadata={"help": "spread the model over devices: auto, cpu, "
                                                                  "cuda:0, or a JSON file {module: device}"})
+    harness: str | None = field(default=None, metadata={"help": "lm-evaluation-harness tasks, comma-separated "
+                                                        "(e.g. mmlu,gsm8k); see eval/harness.py"})
+    harness_include: str | None = field(default=None, metadata={"help": "directory of extra harness YAML tasks"})
+    harness_builtin: bool = field(default=True, metadata={"help": "index the harness's own tasks too"})
+    harness_limit: int | None = field(default=None, metadata={"help": "at most this many documents per harness task"})
+    harness_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: each task's)"})
+    harness_unsafe_code: bool = field(default=False, metadata={"help": "allow harness tasks that run model code"})
 
     def __post_init__(self):
-        if bool(self.task) == bool(self.data):
-            raise ValueError("give exactly one of task (a suite task) or data (a JSONL file)")
+        if self.task and self.data:
+            raise ValueError("give at most one of task (a suite task) or data (a JSONL file)")
+        if not (self.task or self.data or self.harness):
+            raise ValueError("give task (a suite task), data (a JSONL file) or harness (lm-evaluation-harness tasks)")
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("the judge needs both judge_url and judge_model")
         if self.template not in ("auto", *TEMPLATES):
@@ -159,8 +168,13 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     # the format is settled before loading anything: a conflicting --template fails at once
     fmt = eval_format(cfg)
     kind = "given"
+    hcfg = harness_config(cfg)  # settled (and lm-eval found) before the model is loaded
     if model is None:
         model, tokenizer, kind = load_for_eval(cfg.model, cfg.adapter, cfg.device_map)
+    if hcfg is not None and not (cfg.task or cfg.data):
+        summary = {"model_kind": kind, "config": asdict(cfg)}
+        _add_harness(summary, model, tokenizer, hcfg, cfg.out)
+        return summary
     if cfg.task:
         metric = get_task(cfg.task).metric
         pairs = generate_split(cfg.task, "eval", cfg.n, cfg.seed)
@@ -196,10 +210,37 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         j = judge(kept_prompts, kept_refs, preds, JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
         grades = dict(zip(kept, j.grades))
         summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model)
+    if hcfg is not None:
+        _add_harness(summary, model, tokenizer, hcfg, cfg.out)
     if cfg.out:
         _write_outputs(Path(cfg.out), summary, prompts, refs, dict(zip(kept, preds)), set(enc.overlong), action,
                        METRICS[metric], grades)
     return summary
+
+
+def harness_config(cfg: EvalConfig):
+    """The HarnessConfig of ``cfg`` (None without --harness); raises HarnessNotInstalled without lm-eval."""
+    if not cfg.harness:
+        return None
+    from .harness import HarnessConfig, require_lm_eval
+
+    h = HarnessConfig(tasks=cfg.harness.split(","), include=cfg.harness_include, builtin=cfg.harness_builtin,
+                      limit=cfg.harness_limit, num_fewshot=cfg.harness_fewshot, batch_size=cfg.batch_size,
+                      unsafe_code=cfg.harness_unsafe_code)
+    require_lm_eval()
+    return h
+
+
+def _add_harness(summary: dict, model, tokenizer, hcfg, out: str | None) -> None:
+    """Run the harness on the loaded model (as it is: an attached adapter stays attached) into ``summary``;
+    with ``out``, write summary.json and one harness_<task>.jsonl per task there."""
+    from .harness import run_harness, write_samples
+
+    r = run_harness(model, tokenizer, hcfg)
+    summary["harness"] = {"results": r["results"], "n": r["n"], "versions": r["versions"], "lm_eval": r["lm_eval"]}
+    if out:
+        write_samples(Path(out), r["samples"])
+        write_json_atomic(Path(out) / "summary.json", summary)
 
 
 def _write_outputs(out: Path, summary: dict, prompts, refs, preds: dict, overlong: set, action: str, metric,
