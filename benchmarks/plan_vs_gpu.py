@@ -10,7 +10,7 @@ its own process so that ``torch.cuda.max_memory_allocated`` is that run's peak (
 plan is `esft plan`'s estimate for the same layout (one GPU, same dtype, micro-batch and sequence
 length), computed from the saved config.json alone.
 
-    python benchmarks/plan_vs_gpu.py --layers 4 --seq-len 2048 --steps 3     # ~2 min on an H100
+    python benchmarks/plan_vs_gpu.py --layers 4 --seq-len 2048 --steps 8     # ~2 min on an H100
 
 Training checkpoints are not written (a no-op replaces the checkpoint writer): they do not change
 device memory and full fine-tuning's would be tens of GB on disk. The LAST line of stdout is JSON.
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--share", type=float, default=0.075, help="ESFT: share of routed experts trained per MoE layer")
     p.add_argument("--seq-len", type=int, default=2048, help="packed sequence length")
     p.add_argument("--micro-batch", type=int, default=1, help="packed sequences per step")
-    p.add_argument("--steps", type=int, default=3, help="training steps per run")
+    p.add_argument("--steps", type=int, default=8, help="training steps per run (the median step time is reported)")
     p.add_argument("--methods", default="esft,full", help="comma-separated: esft, full")
     p.add_argument("--work", default="/tmp/plan_vs_gpu", help="work directory (model, data, runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +99,7 @@ def worker(args) -> int:
                       "reserved_peak_bytes": torch.cuda.max_memory_reserved(),
                       "trainable_params": res.trainable_params, "optimizer_state_bytes": res.optimizer_state_bytes,
                       "master_weight_bytes": res.master_weight_bytes, "seconds": time.perf_counter() - t0,
+                      "step_seconds": res.step_seconds,
                       "train_loss": res.train_loss}))
     return 0
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     print(f"{gpu.name}, {gpu.total_memory / gib:.1f} GiB; model {params / 1e9:.2f}B parameters (DeepSeek-V2-Lite "
           f"shapes, {args.layers} layers), bf16, micro-batch {args.micro_batch} x {args.seq_len}, {args.steps} steps")
     print(f"{'method':<6} {'plan total':>11} {'measured peak':>14} {'plan/measured':>14} {'of which plan: weights':>23} "
-          f"{'masters':>8} {'grads':>8} {'AdamW':>8} {'activations':>12}")
+          f"{'masters':>8} {'grads':>8} {'AdamW':>8} {'activations':>12} {'step (median)':>14}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:<6} FAILED: {r['error']}")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         b = r["plan_bytes"]
         print(f"{r['method']:<6} {b['total'] / gib:>9.2f} G {r['peak_bytes'] / gib:>12.2f} G {r['plan_over_measured']:>14.2f} "
               f"{b['weights'] / gib:>21.2f} G {b['fp32 masters'] / gib:>6.2f} G {b['gradients'] / gib:>6.2f} G "
-              f"{b['optimizer state'] / gib:>6.2f} G {b['activations'] / gib:>10.2f} G")
+              f"{b['optimizer state'] / gib:>6.2f} G {b['activations'] / gib:>10.2f} G {r['step_seconds'] * 1e3:>11.0f} ms")
     print(f"wall {time.perf_counter() - t0:.0f} s")
     print(json.dumps({"gpu": gpu.name, "params": params, "layers": args.layers, "seq_len": args.seq_len,
                       "micro_batch": args.micro_batch, "runs": rows}))

@@ -98,7 +98,7 @@ fi
 
 if [[ $PARTS == *3* ]]; then
 echo "== 3. esft plan against measured peak CUDA memory"
-$PY benchmarks/plan_vs_gpu.py --layers 4 --seq-len 2048 --steps 3 --work "$W/plan" 2>"$OUT/plan_vs_gpu.err" \
+$PY benchmarks/plan_vs_gpu.py --layers 4 --seq-len 2048 --steps 8 --work "$W/plan" 2>"$OUT/plan_vs_gpu.err" \
   | tee "$OUT/plan_vs_gpu.txt" || tail -20 "$OUT/plan_vs_gpu.err"
 fi
 rm -rf "$W"

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class TrainResult:
     seconds: float
     adapter_dir: str | None
     master_weight_bytes: int = 0  # fp32 masters kept beside low-precision trainable tensors
+    step_seconds: float | None = None  # median wall time of one optimizer step (forward to AdamW)
     best_dir: str | None = None  # what to evaluate: best-by-validation adapter (esft, lora) or checkpoint (full)
 
 
@@ -367,6 +369,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
 
     model.train()
     t0 = time.perf_counter()
+    step_times = []
     loss_ema, last_loss = None, float("nan")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})",
                disable=not (progress and job.main), dynamic_ncols=True)
@@ -375,6 +378,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             step_loss = 0.0
+            t_step = time.perf_counter()
             micro_rows = [batch_rows(len(train_data), step, m, cfg.batch_size, cfg.grad_accum, cfg.seed)
                           for m in range(cfg.grad_accum)]
             # Token-weighted mean over the whole step: each micro-batch's summed loss is divided by the
@@ -399,6 +403,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             opt.zero_grad(set_to_none=True)
             masters.sync()
             last_loss = step_loss
+            step_times.append(time.perf_counter() - t_step)  # float(loss) above waited for the device
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
             done = step + 1
             bar.set_postfix(loss=f"{loss_ema:.4f}")
@@ -448,6 +453,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         best_valid_loss=None if best == math.inf else best,
         trainable_params=sum(p.numel() for p in params.values()),
         optimizer_state_bytes=optimizer_state_bytes(opt), seconds=time.perf_counter() - t0,
+        step_seconds=statistics.median(step_times) if step_times else None,
         adapter_dir=adapter_dir,
         master_weight_bytes=masters.master_bytes() + sharded_master_bytes,
         best_dir=adapter_dir if cfg.method != "full" else str(out / ("best" if (out / "best").exists() else "last")),
