@@ -120,7 +120,7 @@ def closed_loop(a) -> int:
         for n in a.adapters:
             dirs = make_adapters(model_dir, Path(tmp) / f"n{n}", n, a.experts_per_layer, a.seed + 100 * n)
             model, _ = load()
-            weaver = Weaver(model)
+            weaver = Weaver(model, max_adapters=n, max_adapter_experts=n * a.experts_per_layer)
             for i, d in enumerate(dirs):
                 weaver.load(f"a{i}", d)
             engine = Engine(model, tok, weaver, max_batch=a.max_batch)
@@ -267,7 +267,7 @@ def open_loop(a) -> int:
             m, _ = load_model(model_dir, dtype="float32", device="cpu")
             if a.experts_implementation:
                 m.config._experts_implementation = a.experts_implementation
-            weaver = Weaver(m) if n else None
+            weaver = Weaver(m, max_adapters=n, max_adapter_experts=n * a.experts_per_layer) if n else None
             for i, d in enumerate(dirs[:n]):
                 weaver.load(f"a{i}", d)
             for rate in a.rates:

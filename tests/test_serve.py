@@ -353,18 +353,20 @@ def test_an_adapters_format_is_in_place_as_soon_as_it_is_routable_and_gone_if_it
 
     url, root, engine = server["url"], server["root"], server["engine"]
     _make_adapter(root / "C3", SELS["A"], 5, CHAT_META)
-    weaver, rebuild = engine.weaver, engine.weaver._rebuild
+    weaver, write = engine.weaver, engine.weaver._write
     seen = []
 
-    def watch():  # weaver.load: the name is routable (in weaver.names()) from here on
-        seen.append({n: engine.formats.get(n) for n in weaver.names()})
-        rebuild()
+    def watch(loaded, routed):  # weaver.load writes the slots; the name is routable once it returns
+        seen.append(({n: engine.formats.get(n) for n in weaver.names()}, engine.formats.get("c3")))
+        write(loaded, routed)
 
-    monkeypatch.setattr(weaver, "_rebuild", watch)
+    monkeypatch.setattr(weaver, "_write", watch)
     _load(engine, "c3", root / "C3")
     try:
-        assert seen[-1]["c3"] is not None and seen[-1]["c3"].name == "chat"
-        assert all(f is not None for f in seen[-1].values())
+        routable, fmt = seen[-1]
+        assert "c3" in weaver.names() and "c3" not in routable
+        assert fmt is not None and fmt.name == "chat"
+        assert all(f is not None for f in routable.values())
 
         # loading under a loaded name is refused and leaves its format alone
         with pytest.raises(ValueError, match="already loaded"):
@@ -374,14 +376,14 @@ def test_an_adapters_format_is_in_place_as_soon_as_it_is_routable_and_gone_if_it
         _post(url + "/admin/adapters/c3", b"", token="adm1n", method="DELETE")
     assert "c3" not in engine.formats
 
-    def broken():
+    def broken(loaded, routed):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(weaver, "_rebuild", broken)
+    monkeypatch.setattr(weaver, "_write", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         _load(engine, "c3", root / "C3")
     assert "c3" not in weaver.names() and "c3" not in engine.formats
-    monkeypatch.setattr(weaver, "_rebuild", rebuild)
+    monkeypatch.setattr(weaver, "_write", write)
     _make_adapter(root / "other", SELS["A"], 5)  # a bad adapter: refused by the weaver, no format left behind
     meta = json.loads((root / "other" / "esft_adapter.json").read_text())
     meta["base_model"]["weights"] = "0" * 16

@@ -1,11 +1,13 @@
-"""Weaving many adapters over one base: a batch mixing base, A and B equals each alone on its merged model."""
+"""Weaving many adapters over one base (the expert overlay with preallocated slots): a batch mixing base, A and B
+equals each alone on its merged model; loads write slots in place and never copy the base."""
 
 import pytest
 import torch
 
 from esft.adapter.fingerprint import model_fingerprint
-from esft.adapter.io import AdapterError, merge_adapter, save_adapter
+from esft.adapter.io import AdapterError, merge_adapter, read_adapter, save_adapter
 from esft.models.loading import load_model
+from esft.overlay import ExpertOverlay
 from esft.serving.weave import Weaver, storage_bytes
 from esft.training.experts import apply_esft
 
@@ -64,41 +66,94 @@ def test_mixed_batch_matches_each_request_alone_on_its_merged_model(tiny_dir, ad
         assert gen[r].tolist() == alone[0].tolist()
 
 
-def test_memory_is_base_plus_changed_experts_and_unload_restores(tiny_dir, adapters):
+def _row_bytes(overlay) -> int:
+    """Bytes of one expert's row of every fused parameter (weights and biases)."""
+    return sum(p[0].numel() * p.element_size() for p in overlay.base.parameters())
+
+
+def test_memory_is_base_plus_slots_from_start_up_and_unload_frees_the_slots(tiny_dir, adapters):
     model, tok = load_model(tiny_dir / "model")
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    w = Weaver(model.eval())
+    base_bytes = storage_bytes(model)
+    w = Weaver(model.eval(), max_adapters=4, max_adapter_experts=5)
+    overlays = [l.experts for l in w.layers.values()]
+    assert all(isinstance(o, ExpertOverlay) and o.trained.gate_up_proj.shape[0] == 5 for o in overlays)
+    slots = sum(5 * _row_bytes(o) for o in overlays)
+    assert w.slot_bytes() == slots and storage_bytes(model) == base_bytes + slots
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     w.load("A", adapters["A"])
     w.load("B", adapters["B"])
-    layer = next(iter(w.layers.values())).experts.base
-    per_expert = (layer.gate_up_proj[0].numel() + layer.down_proj[0].numel()) * layer.gate_up_proj.element_size()
+    # the same storages as at start-up: nothing was reallocated, the rows were written in place
+    assert storage_bytes(model) == base_bytes + slots
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     n_experts = sum(map(len, SEL_A.values())) + sum(map(len, SEL_B.values()))
-    # the base experts are views into the woven tensors: held once
-    assert storage_bytes(model) == base_bytes + n_experts * per_expert == base_bytes + w.adapter_bytes()
-    # and the weaver keeps no second copy of the adapters: its tensors are views of the woven rows
-    for experts in w.adapters.values():
-        for (layer, _), (gu, down) in experts.items():
-            woven = w.layers[layer].experts.all
-            assert gu.untyped_storage().data_ptr() == woven.gate_up_proj.untyped_storage().data_ptr()
-            assert down.untyped_storage().data_ptr() == woven.down_proj.untyped_storage().data_ptr()
+    assert w.adapter_bytes() == n_experts * _row_bytes(overlays[0])
+    assert w.slots()[2] == (5 - len(SEL_A[2]) - len(SEL_B[2]), 5)
     ids = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(1))
     w.unload("A")
-    assert storage_bytes(model) == base_bytes + sum(map(len, SEL_B.values())) * per_expert
+    assert w.slots()[2] == (5 - len(SEL_B[2]), 5) and storage_bytes(model) == base_bytes + slots
     w.set_rows(["B", None])
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits[1], _alone(tiny_dir, None)(input_ids=ids[1:]).logits[0],
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got[1], _alone(tiny_dir, None)(input_ids=ids[1:]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0], _alone(tiny_dir, adapters["B"])(input_ids=ids[:1]).logits[0],
                                    rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(input_ids=ids).logits[0],
-                                   _alone(tiny_dir, adapters["B"])(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match=r"no adapter named 'A' \(loaded: B\)"):
         w.set_rows(["A"])
-    w.unload("B")  # nothing woven any more: the base gets its own storage back
-    assert storage_bytes(model) == base_bytes
+    # A again, into the slots it left (and others): its answers are A's
+    w.load("A", adapters["A"])
+    w.set_rows(["A"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[:1]).logits[0],
+                                   _alone(tiny_dir, adapters["A"])(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def _allocation_peak(fn) -> int:
+    """Peak bytes held by CPU tensors allocated while ``fn`` runs: torch's CPU allocator reports every
+    allocation and free to the profiler (``profile_memory``); their running sum, in time order, is exactly
+    what was held on top of the tensors alive before ``fn``."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            yield from walk(n.children)
+
+    events = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                     if n.typed[0] == _EventType.Allocation and n.typed[1].device.type == "cpu"),
+                    key=lambda n: n.start_time_ns)
+    held, peak = 0, 0
+    for n in events:
+        held += n.typed[1].alloc_size  # negative for a free
+        peak = max(peak, held)
+    return peak
+
+
+def test_peak_memory_during_a_load_stays_within_base_plus_slots(tiny_dir, adapters):
+    """The model's storages are base + slots before, after and (no parameter is replaced) during a load; what a
+    load allocates on top is the adapter's rows, layer by layer: far less than one layer's base experts, which
+    any copy of the base would need (the earlier weave built a copy of every layer's experts per load)."""
+    model, _ = load_model(tiny_dir / "model")
+    w = Weaver(model.eval(), max_adapters=2, max_adapter_experts=4)
+    held = storage_bytes(model)
+    a = read_adapter(adapters["A"])  # the adapter file's own tensors are the input, read before
+    peak = _allocation_peak(lambda: w.load("A", a))
+    assert w.names() == ["A"] and storage_bytes(model) == held
+    overlay = next(iter(w.layers.values())).experts
+    layer_experts = sum(p.numel() * p.element_size() for p in overlay.base.parameters())
+    adapter_rows = max(map(len, SEL_A.values())) * _row_bytes(overlay)  # the largest layer of the adapter
+    # measured: 2.9x the largest layer's rows (the fused rows, the stacked checkpoint tensors, index maps)
+    assert 0 < peak <= 4 * adapter_rows < layer_experts, (peak, adapter_rows, layer_experts)
+    # the measurement sees a copy of the base: the same window around one layer's clone is over the bound
+    assert _allocation_peak(lambda: [p.clone() for p in overlay.base.parameters()]) >= layer_experts > 4 * adapter_rows
 
 
 def test_bad_adapters_are_refused_and_the_rest_keep_serving(tiny_dir, adapters, tmp_path):
     model, _ = load_model(tiny_dir / "model")
-    w = Weaver(model.eval())
+    w = Weaver(model.eval(), max_adapters=2, max_adapter_experts=4)
     w.load("A", adapters["A"])
     with pytest.raises(ValueError, match="already loaded"):
         w.load("A", adapters["B"])
@@ -114,64 +169,93 @@ def test_bad_adapters_are_refused_and_the_rest_keep_serving(tiny_dir, adapters, 
     save_adapter(plan, tmp_path / "dense", model_fingerprint(_alone(tiny_dir, None)))
     with pytest.raises(AdapterError, match="only routed-expert adapters can share one base model"):
         w.load("dense", tmp_path / "dense")
-    assert w.names() == ["A"]
+    # A holds 3 of layer 2's 4 slots; a second A needs 3 more
+    with pytest.raises(AdapterError, match=r"layer 2 needs 3 adapter expert slots, 1 of 4 are free "
+                                           r"\(esft serve --max-adapter-experts"):
+        w.load("A2", adapters["A"])
+    w.load("B", adapters["B"])
+    with pytest.raises(AdapterError, match=r"2 adapters are loaded already.*--max-adapters"):
+        w.load("C", adapters["B"])
+    assert w.names() == ["A", "B"] and w.slots() == {1: (0, 4), 2: (0, 4)}
+    with pytest.raises(ValueError, match="max_adapter_experts must be >= 1"):
+        Weaver(_alone(tiny_dir, None), max_adapter_experts=0)
+
+
+def _events(req, timeout=60):
+    out = []
+    while not out or out[-1][0] not in ("done", "error"):
+        out.append(req.events.get(timeout=timeout))
+    return out
 
 
 def test_engine_fails_only_the_requests_of_an_unloaded_adapter(tiny_dir, adapters):
-    from esft.serving.engine import Engine, GenParams, Request
+    from esft.serving.engine import Engine, GenParams
 
     model, tok = load_model(tiny_dir / "model")
-    w = Weaver(model.eval())
+    w = Weaver(model.eval(), max_adapters=2, max_adapter_experts=4)
     w.load("A", adapters["A"])
-    engine = Engine(model, tok, w)
+    engine = Engine(model, tok, w, max_batch=4)
+    prompt = [1, 5, 6, 7]
     try:
-        ok = Request(None, [1, 5, 6, 7], GenParams(max_tokens=3, temperature=0, ignore_eos=True))
-        gone = Request("B", [1, 5, 6, 7], GenParams(max_tokens=3, temperature=0))  # never loaded / unloaded
-        with engine.lock:
-            engine._run([ok, gone])
-        events = [ok.events.get() for _ in range(ok.events.qsize())]
-        assert events[-1][0] == "done" and events[-1][2] == 3
-        kind, msg = gone.events.get_nowait()
-        assert kind == "error" and "'B' was unloaded" in msg
-        # a request whose client went away stops at the next step, its neighbours do not
-        quit_ = Request(None, [1, 5, 6, 7], GenParams(max_tokens=5, temperature=0, ignore_eos=True))
-        quit_.cancelled = True
-        other = Request(None, [1, 5, 6, 7], GenParams(max_tokens=5, temperature=0, ignore_eos=True))
-        with engine.lock:
-            engine._run([quit_, other])
-        last = [quit_.events.get() for _ in range(quit_.events.qsize())][-1]
-        assert last[:2] == ("done", "cancelled") and last[2] == 0
-        assert [other.events.get() for _ in range(other.events.qsize())][-1] == ("done", "length", 5)
+        # queued: A is unloaded before the engine's next step (it cannot step while we hold it)
+        with engine.exclusive():
+            ok = engine.submit(None, prompt, GenParams(max_tokens=3, ignore_eos=True))
+            gone = engine.submit("A", prompt, GenParams(max_tokens=3, ignore_eos=True))
+            w.unload("A")
+        assert _events(ok)[-1] == ("done", "length", 3)
+        last = _events(gone)[-1]
+        assert last[0] == "error" and "'A' was unloaded" in last[1] and last[2] == 404
+        # running: A's request is mid-generation when A goes; the base request beside it goes on
+        w.load("A", adapters["A"])
+        long_a = engine.submit("A", prompt, GenParams(max_tokens=200, ignore_eos=True))
+        long_base = engine.submit(None, prompt, GenParams(max_tokens=200, ignore_eos=True))
+        assert long_a.events.get(timeout=60)[0] == "text"  # it has started
+        with engine.exclusive():
+            w.unload("A")
+        events = _events(long_a)
+        assert events[-1][0] == "error" and "'A' was unloaded" in events[-1][1]
+        assert len(events) < 200  # it ended early
+        assert _events(long_base)[-1] == ("done", "length", 200)
+        # a request whose client went away ends at the next step, its neighbour does not
+        with engine.exclusive():
+            quit_ = engine.submit(None, prompt, GenParams(max_tokens=5, ignore_eos=True))
+            other = engine.submit(None, prompt, GenParams(max_tokens=5, ignore_eos=True))
+            quit_.cancelled = True
+        assert _events(quit_) == [("done", "cancelled", 0)]
+        assert _events(other)[-1] == ("done", "length", 5)
     finally:
         engine.close()
 
 
-def test_a_failed_rebuild_leaves_the_loaded_set_working(tiny_dir, adapters, monkeypatch):
-    from esft.serving.weave import WovenExperts
-
+def test_a_failed_load_leaves_the_loaded_set_working(tiny_dir, adapters, monkeypatch):
     model, tok = load_model(tiny_dir / "model")
-    w = Weaver(model.eval())
+    w = Weaver(model.eval(), max_adapters=2, max_adapter_experts=4)
     w.load("A", adapters["A"])
     ids = torch.randint(3, len(tok), (1, 8), generator=torch.Generator().manual_seed(3))
     w.set_rows(["A"])
     with torch.no_grad():
         before = model(input_ids=ids).logits
     calls = {"n": 0}
-    real = WovenExperts.build
+    real = ExpertOverlay.write
 
-    def flaky(self, experts, table):  # the second layer runs out of memory
+    def flaky(self, slots, rows):  # the second layer runs out of memory
         calls["n"] += 1
         if calls["n"] == 2:
             raise MemoryError("simulated")
-        return real(self, experts, table)
+        return real(self, slots, rows)
 
-    monkeypatch.setattr(WovenExperts, "build", flaky)
+    monkeypatch.setattr(ExpertOverlay, "write", flaky)
+    free = w.slots()
     with pytest.raises(MemoryError):
         w.load("B", adapters["B"])
-    calls["n"] = 0
-    with pytest.raises(MemoryError):
-        w.unload("A")
-    assert w.names() == ["A"]
+    assert w.names() == ["A"] and w.slots() == free
+    assert all(int(l.experts.table[2].max()) == -1 for l in w.layers.values())  # B's row points nowhere
     w.set_rows(["A"])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)
+    monkeypatch.setattr(ExpertOverlay, "write", real)
+    w.load("B", adapters["B"])  # the slots it half-wrote are free and reused
+    w.set_rows(["B"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[0],
+                                   _alone(tiny_dir, adapters["B"])(input_ids=ids).logits[0], rtol=1e-5, atol=1e-5)

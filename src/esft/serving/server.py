@@ -55,6 +55,8 @@ class ServeConfig:
     scheduler: str = "continuous"  # or "static": a batch runs to its longest request before the next is admitted
     limits: Limits | None = None  # max_tokens cap, prompt length, queue length, timeout, prefill chunk
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_adapters: int = 64  # adapters loaded at once (rows of each layer's overlay table)
+    max_adapter_experts: int | None = None  # preallocated adapter expert slots per MoE layer (None: E // 4, >= 4)
 
 
 class AdapterPathError(ValueError):
@@ -411,10 +413,14 @@ def start_engine(cfg: ServeConfig) -> Engine:
     model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device,
                             device_map=cfg.device_map)
     offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:  # weaving builds each layer's experts from the base's own tensors: they must be in memory
+    if offloaded:  # the overlay runs the base's own expert tensors and writes slots beside them: all in memory
         raise ValueError(f"esft serve needs every weight on a device, but the device map leaves {len(offloaded)} "
                          f"tensors on disk (e.g. {offloaded[0]}); map every module to a GPU or cpu")
-    engine = Engine(model, tok, Weaver(model.eval()), max_batch=cfg.max_batch,
+    weaver = Weaver(model.eval(), max_adapters=cfg.max_adapters, max_adapter_experts=cfg.max_adapter_experts)
+    per_layer = {total for _, total in weaver.slots().values()}
+    log.info("adapter slots: %s per MoE layer, %.1f MiB preallocated (--max-adapter-experts), up to %d adapters",
+             "/".join(map(str, sorted(per_layer))), weaver.slot_bytes() / 2**20, cfg.max_adapters)
+    engine = Engine(model, tok, weaver, max_batch=cfg.max_batch,
                     base_format=base_format(cfg.template, tok), scheduler=cfg.scheduler, limits=cfg.limits)
     for name, path in (cfg.adapters or {}).items():
         if name == cfg.base_name:

@@ -1,200 +1,187 @@
 """Many ESFT adapters over one base model, in one forward pass (ExpertWeave-style).
 
 ESFT freezes the router, so every adapter routes exactly like the base model; an adapter only
-replaces a few experts' weights. Per MoE layer, :class:`WovenExperts` keeps one experts module
-``all`` of the model's own class over E + M experts: the E base experts followed by the M experts
-that the loaded adapters changed (the base module's tensors become views of its first E rows, so
-the base is held once), and a table
+replaces a few experts' weights. Each MoE layer's experts become the expert overlay of
+``esft/overlay.py`` (the same module training uses), with
 
-    table   [A, E] long: for adapter row a and expert e, the index in ``all`` to run
-            (row 0 = the base model: e itself; an adapter's changed expert: E + its slot)
+    trained  R preallocated adapter slots ([R, 2I, H], [R, H, I], biases), R = ``max_adapter_experts``
+    table    [1 + max_adapters, E]: row 0 = the base model (all -1); row a = one loaded adapter,
+             holding for each expert it changed the slot of its weights, -1 elsewhere
 
-After routing (the base router's, untouched), each token's top-k ids are looked up in its
-request's table row and the model's own experts code runs once on the rewritten ids. So one batch
-mixes requests of different adapters and of the base model, at the cost of one table lookup per
-layer, and memory is the base once plus only the experts each adapter changed.
+Loading an adapter converts its checkpoint tensors to fused rows (the layer's checkpoint layout),
+writes them into free slots in place and then fills its table row; unloading clears the table row
+and frees the slots. Neither copies the base nor allocates more than the adapter's own rows, so
+memory is the base once plus the slots, from start-up on. A request's sequence picks its table
+row (``set_rows``), so one batch mixes requests of different adapters and of the base model.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..adapter.fingerprint import model_fingerprint
 from ..adapter.io import Adapter, AdapterError, _split, check_base, read_adapter
-from ..models.registry import get_family, moe_layers
 from ..models.layout import expert_params
-from ..training.experts import _subset_copy
+from ..models.registry import get_family, moe_layers
+from ..overlay import ExpertOverlay, rows_module
 
 
-class WovenExperts(nn.Module):
-    """forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H], with
-    ``self.rows`` ([B] adapter row per sequence, set by :class:`Weaver`) and N = B x T."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-        self.all = base  # the base itself while no adapter is loaded
-        self.E = base.gate_up_proj.shape[0]
-        self.register_buffer("table", torch.arange(self.E, device=base.gate_up_proj.device).unsqueeze(0),
-                             persistent=False)
-        self.rows: torch.Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.E
-
-    @torch.no_grad()
-    def build(self, experts: list[tuple[torch.Tensor, ...]], table: torch.Tensor) -> tuple:
-        """The new woven tensors for the adapters' experts ([(gate_up row, down row, biases...), ...] in
-        ``expert_params`` order) and the
-        [A, E] index table, allocated but not installed (so a failure, e.g. out of memory, changes nothing)."""
-        dev = self.base.gate_up_proj.device
-        if not experts:
-            return table.to(dev), None
-        full = {}
-        for i, n in enumerate(expert_params(self.base)):
-            current = getattr(self.base, n).detach()
-            full[n] = torch.cat([current, torch.stack([e[i] for e in experts]).to(dev, current.dtype)])  # [E+M, ...]
-        return table.to(dev), full
-
-    @torch.no_grad()
-    def install(self, built: tuple) -> None:
-        table, full = built
-        self.table = table
-        if full is None:
-            if self.all is not self.base:  # give the base its own storage back, free the woven one
-                for n in expert_params(self.base):
-                    setattr(self.base, n, nn.Parameter(getattr(self.base, n).detach().clone(), requires_grad=False))
-                self.all = self.base
-            return
-        woven = _subset_copy(self.base, [0])  # same class and settings; its weights are replaced below
-        for n, w in full.items():
-            setattr(woven, n, nn.Parameter(w, requires_grad=False))
-            setattr(self.base, n, nn.Parameter(w[: self.E], requires_grad=False))  # a view: the base held once
-        woven.num_experts = full["gate_up_proj"].shape[0]
-        self.all = woven
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.all is self.base:
-            return self.base(hidden_states, top_k_index, top_k_weights)
-        N = hidden_states.shape[0]
-        rows = self.rows if self.rows is not None else torch.zeros(1, dtype=torch.long)
-        if N % rows.numel():
-            raise RuntimeError(f"woven experts got {N} tokens for a batch of {rows.numel()} sequences")
-        per_token = rows.to(hidden_states.device).repeat_interleave(N // rows.numel())  # [N]
-        return self.all(hidden_states, self.table[per_token.unsqueeze(1), top_k_index], top_k_weights)
+@dataclass
+class _Loaded:
+    row: int  # its table row
+    slots: dict[int, list[int]]  # layer -> the slots of its experts (in the order of ``experts``)
+    experts: dict[int, list[int]]  # layer -> the experts it changed
 
 
 class Weaver:
-    """Loads adapters by name onto one base model; ``rows_for(names)`` gives the per-sequence table rows.
+    """Loads adapters by name onto one base model; ``set_rows(names)`` picks each sequence's adapter.
 
     Usage::
 
-        w = Weaver(model)
+        w = Weaver(model, max_adapters=8, max_adapter_experts=16)
         w.load("sql", "adapters/sql")
         w.set_rows(["sql", None, "sql"])      # one name per sequence; None = the base model
         model(input_ids=...)                  # [3, T]: each row through its own adapter
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, max_adapters: int = 64, max_adapter_experts: int | None = None):
         self.model = model
         self.family = get_family(model)
         if self.family.experts_kind != "sparse":
             raise NotImplementedError(f"serving several adapters over one {self.family.model_type} model is not "
                                       f"supported: its experts ({self.family.experts_kind}) take no expert ids to "
                                       "rewrite; merge each adapter instead")
+        if max_adapters < 1:
+            raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
+        if max_adapter_experts is not None and max_adapter_experts < 1:
+            raise ValueError(f"max_adapter_experts must be >= 1, got {max_adapter_experts}")
+        self.max_adapters = max_adapters
+        self.fingerprint = model_fingerprint(model)  # of the plain base, before any overlay
+        self.adapters: dict[str, _Loaded] = {}
+        self.free_rows = list(range(1, max_adapters + 1))
+        self.free: dict[int, list[int]] = {}  # layer -> free slots
+        for l in moe_layers(model):
+            if isinstance(l.experts, ExpertOverlay):
+                raise ValueError(f"layer {l.index}'s experts are wrapped already ({type(l.experts).__name__})")
+            l.layout()  # read (and cache) the checkpoint layout from the plain module, before it is wrapped
+            base = l.experts
+            E = base.gate_up_proj.shape[0]
+            R = max_adapter_experts or default_slots(E)
+            # zeros, not empty: a free slot is never read, but its bytes are then counted honestly (touched)
+            rows = {n: torch.zeros((R, *getattr(base, n).shape[1:]), dtype=getattr(base, n).dtype,
+                                   device=getattr(base, n).device) for n in expert_params(base)}
+            table = torch.full((1 + max_adapters, E), -1, dtype=torch.long)
+            setattr(l.block, self.family.experts_attr,
+                    ExpertOverlay(base, rows_module(base, rows, trainable=False), table, "sparse"))
+            self.free[l.index] = list(range(R))
         self.layers = {l.index: l for l in moe_layers(model)}
-        # name -> (layer, expert) -> (gate_up row, down row, biases...): views of the woven rows once installed
-        self.adapters: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.fingerprint = model_fingerprint(model)  # of the plain base, before any weaving
-        for l in self.layers.values():
-            if not isinstance(l.experts, WovenExperts):
-                setattr(l.block, self.family.experts_attr, WovenExperts(l.experts))
-        self.layers = {l.index: l for l in moe_layers(model)}
-        self._rebuild()
 
     def names(self) -> list[str]:
         return list(self.adapters)
 
     def load(self, name: str, adapter: Adapter | str, allow_other_base: bool = False) -> None:
-        """Validate and add an adapter (routed experts only: dense changes cannot be shared per request)."""
+        """Validate an adapter (routed experts only: dense changes cannot be shared per request) and write
+        its rows into free slots. Nothing changes unless it succeeds; the name is routable once it returns."""
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
         a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
         if not allow_other_base:
             check_base(self.model, a, self.fingerprint)
-        routed, rest = _split(a, self.model)  # the woven modules name their frozen experts ".experts.base."
+        routed, rest = _split(a, self.model)
         if rest:
             raise AdapterError(f"{a.path}: trains non-expert tensors ({sorted(rest)[:3]}...); only routed-expert "
                                "adapters can share one base model. Merge it into its own checkpoint instead.")
-        experts = {}
+        if not self.free_rows:
+            raise AdapterError(f"{a.path}: {self.max_adapters} adapters are loaded already, the most this server "
+                               f"holds (esft serve --max-adapters); unload one first")
+        experts = {l: list(a.expert_cfg["experts"][l]) for l in routed}
+        full = {l: (len(ids), len(self.free[l])) for l, ids in experts.items() if len(ids) > len(self.free[l])}
+        if full:
+            l, (need, have) = next(iter(sorted(full.items())))
+            total = len(self.free[l]) + sum(len(x.slots.get(l, ())) for x in self.adapters.values())
+            raise AdapterError(f"{a.path}: layer {l} needs {need} adapter expert slots, {have} of {total} are free "
+                               f"(esft serve --max-adapter-experts sets the slots per layer); unload an adapter "
+                               f"or start the server with more")
+        loaded = _Loaded(self.free_rows[0], {l: self.free[l][:len(ids)] for l, ids in experts.items()}, experts)
+        self._write(loaded, routed)
+        self.free_rows.pop(0)
+        for l, slots in loaded.slots.items():
+            del self.free[l][:len(slots)]
+        self.adapters[name] = loaded
+
+    def _write(self, loaded: _Loaded, routed: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Write the adapter's rows into its (free) slots, layer by layer, then point its table row at them.
+
+        The slots are free and its table row is all -1 until the end, so a failure (a bad tensor, out of
+        memory for one layer's conversion) leaves every served adapter as it was."""
         for l, tensors in routed.items():
-            w = self.layers[l].experts.base
-            ids = list(a.expert_cfg["experts"][l])
-            params = dict(w.named_parameters(recurse=False))
-            rows = self.layers[l].layout().from_checkpoint(ids, tensors, params)
-            for s, e in enumerate(ids):
-                experts[(l, e)] = tuple(rows[n][s] for n in expert_params(w))
-        self.adapters[name] = experts
-        try:
-            self._rebuild()
-        except BaseException:
-            del self.adapters[name]  # nothing was installed: back to the previous set
-            raise
+            overlay = self.layers[l].experts
+            like = dict(overlay.base.named_parameters(recurse=False))
+            # only this layer's rows exist at once: [S, ...] per parameter, the adapter's own size
+            rows = self.layers[l].layout().from_checkpoint(loaded.experts[l], tensors, like)
+            overlay.write(loaded.slots[l], rows)
+        for l, ids in loaded.experts.items():
+            table = self.layers[l].experts.table
+            table[loaded.row, torch.tensor(ids, device=table.device)] = torch.tensor(loaded.slots[l],
+                                                                                    device=table.device)
 
     def unload(self, name: str) -> None:
+        """Forget an adapter: its table row goes back to -1 and its slots are free (their bytes stay)."""
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})")
-        before = dict(self.adapters)  # the order of names is the order of table rows
-        del self.adapters[name]
-        try:
-            self._rebuild()
-        except BaseException:
-            self.adapters = before  # nothing was installed: the old tables still match
-            raise
+        loaded = self.adapters.pop(name)
+        for l in self.layers.values():
+            l.experts.table[loaded.row].fill_(-1)
+        for l, slots in loaded.slots.items():
+            self.free[l].extend(slots)
+        self.free_rows.append(loaded.row)
 
     def row(self, name: str | None) -> int:
         if name is None:
             return 0
         try:
-            return 1 + list(self.adapters).index(name)
-        except ValueError:
+            return self.adapters[name].row
+        except KeyError:
             raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.adapters) or 'none'})") from None
 
     def set_rows(self, names: list[str | None]) -> None:
         rows = torch.tensor([self.row(n) for n in names], dtype=torch.long)
+        on = {}  # one copy per device (a device map spreads layers over devices)
         for l in self.layers.values():
-            l.experts.rows = rows
+            dev = l.experts.table.device
+            if dev not in on:
+                on[dev] = rows.to(dev)
+            l.experts.rows = on[dev]
 
     def weight_bytes(self) -> int:
-        """Bytes of distinct parameter storage (woven base views are not counted twice)."""
+        """Bytes of distinct parameter storage: the base and every preallocated slot."""
         return storage_bytes(self.model)
 
-    def adapter_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ex in self.adapters.values() for pair in ex.values() for t in pair)
+    def slot_bytes(self) -> int:
+        """Bytes of the preallocated adapter slots (all layers), used or free."""
+        return sum(p.numel() * p.element_size() for l in self.layers.values() for p in l.experts.trained.parameters())
 
-    def _rebuild(self) -> None:
-        """Rebuild every layer's woven tensors and table; all are built before any is installed."""
-        names = list(self.adapters)
-        built, slots = {}, {}
-        for li, l in self.layers.items():
-            E = l.experts.E
-            table = torch.arange(E).repeat(1 + len(names), 1)  # [A, E]: every row starts as the base
-            stacked = []
-            for a, name in enumerate(names, start=1):
-                for (layer, e), pair in sorted(self.adapters[name].items()):
-                    if layer == li:
-                        table[a, e] = E + len(stacked)
-                        slots[(name, layer, e)] = E + len(stacked)
-                        stacked.append(pair)
-            built[li] = l.experts.build(stacked, table)
-        for li, l in self.layers.items():
-            l.experts.install(built[li])
-        # Keep each adapter's experts only as views of the woven rows: no second copy in memory.
-        for (name, layer, e), row in slots.items():
-            woven = self.layers[layer].experts.all
-            self.adapters[name][(layer, e)] = tuple(getattr(woven, n)[row] for n in expert_params(woven))
+    def adapter_bytes(self) -> int:
+        """Bytes of the slots the loaded adapters use."""
+        total = 0
+        for x in self.adapters.values():
+            for l, slots in x.slots.items():
+                total += len(slots) * sum(p[0].numel() * p.element_size()
+                                          for p in self.layers[l].experts.trained.parameters())
+        return total
+
+    def slots(self) -> dict[int, tuple[int, int]]:
+        """layer -> (free slots, all slots)."""
+        return {l: (len(self.free[l]), self.layers[l].experts.trained.gate_up_proj.shape[0]) for l in self.layers}
+
+
+def default_slots(num_experts: int) -> int:
+    """Adapter slots per layer when ``--max-adapter-experts`` is not given: a quarter of the layer's experts
+    (at least 4), i.e. slot memory of a quarter of the routed experts; ESFT adapters change a few each."""
+    return max(4, num_experts // 4)
 
 
 def storage_bytes(model: nn.Module) -> int:
