@@ -58,9 +58,10 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.task and self.data:
-            raise ValueError("give at most one of task (a suite task) or data (a JSONL file)")
+            raise ValueError("give exactly one of task (a suite task) or data (a JSONL file)")
         if not (self.task or self.data or self.harness):
-            raise ValueError("give task (a suite task), data (a JSONL file) or harness (lm-evaluation-harness tasks)")
+            raise ValueError("give exactly one of task (a suite task) or data (a JSONL file), "
+                             "or harness (lm-evaluation-harness tasks), or both")
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("the judge needs both judge_url and judge_model")
         if self.template not in ("auto", *TEMPLATES):
