@@ -116,6 +116,7 @@ def check_base(model: nn.Module, adapter: Adapter, fingerprint: dict | None = No
     otherwise the adapter's version (1 for adapters written before fingerprints had one) is
     computed from the model.
     """
+    check_family(adapter, get_family(model).model_type)
     want = adapter.meta.get("base_model")
     if not want:
         log.warning("%s has no %s (reference-code adapter?): its base model cannot be checked", adapter.path, META_FILE)
@@ -128,6 +129,17 @@ def check_base(model: nn.Module, adapter: Adapter, fingerprint: dict | None = No
             f"{adapter.path} was trained on a different base model: its {k} fingerprint is "
             f"{want.get(k)}, this model's is {have.get(k)} (pass allow_other_base / --allow-other-base to load anyway)"
         )
+
+
+def check_family(adapter: Adapter, model_type: str | None) -> None:
+    """Refuse an adapter made for another model family (its esft_adapter.json records the model type it was
+    trained on): its tensors name another family's checkpoint keys, whatever the flags. A multimodal family's
+    text model (``qwen3_5_moe_text``) counts as the family (``qwen3_5_moe``)."""
+    want = adapter.meta.get("model_type")
+    norm = lambda t: str(t).removesuffix("_text")  # noqa: E731
+    if want and model_type and norm(want) != norm(model_type):
+        raise AdapterError(f"{adapter.path} was made for model type {want!r}, this model is {model_type!r}: an ESFT "
+                           "adapter only loads on the family (and base model) it was trained on")
 
 
 def _targets(model: nn.Module) -> tuple[dict, dict]:
@@ -150,6 +162,7 @@ def _targets(model: nn.Module) -> tuple[dict, dict]:
 
 def _split(adapter: Adapter, model: nn.Module):
     """(routed: {layer: {checkpoint key: tensor}}, rest: {key: (param, tensor)}), checked against expert_cfg."""
+    check_family(adapter, get_family(model).model_type)
     expert_keys, others = _targets(model)
     routed: dict[int, dict[str, torch.Tensor]] = {}
     rest: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}

@@ -29,7 +29,7 @@ from ..io import atomic_dir, write_json_atomic
 from ..models.loading import CheckpointError
 from ..models.registry import meta_model, moe_layers
 from .fingerprint import checkpoint_fingerprint, fingerprint_mismatch, fingerprint_version
-from .io import Adapter, AdapterError, check_routed, read_adapter
+from .io import Adapter, AdapterError, check_family, check_routed, read_adapter
 from .shards import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, open_checkpoint, write_shard
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     ckpt = open_checkpoint(base)
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    check_family(adapter, json.loads((base / "config.json").read_text()).get("model_type"))
     check_adapter_fits(adapter, ckpt, _layouts(base))
     template = adapter_template(adapter)
     fused_rows = _fused_rows(adapter, _layouts(base))

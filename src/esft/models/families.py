@@ -26,33 +26,24 @@ class Notes:
 
 
 _S, _N = "softmax", "sigmoid_topk_norm"
-# Structure and router are found, but esft's tiny config of the family does not run a plain forward yet, so
-# the family test (tests/test_families.py) cannot check it: not claimed.
-_UNTESTED = "untested: esft's tiny config of it does not run a forward yet ("
 
 NOTES: dict[str, Notes] = {
     "aria": Notes(_S, examples="Aria (vision-language; text-only ESFT)"),
-    "axk1": Notes(_N, examples="A.X K1",
-              unsupported=_UNTESTED + "rotary dims)"),
-    "axk2": Notes(_N, examples="A.X K2",
-              unsupported=_UNTESTED + "rotary dims)"),
+    "axk1": Notes(_N, examples="A.X K1"),
+    "axk2": Notes(_N, examples="A.X K2"),
     "cohere2_moe": Notes(_S, examples="Command A MoE"),
     "deepseek_v2": Notes(_S, examples="DeepSeek-V2, V2-Lite (the paper's model)"),
     "deepseek_v3": Notes(_N, examples="DeepSeek-V3, R1"),
-    "deepseek_v32": Notes(_N, examples="DeepSeek-V3.2",
-              unsupported=_UNTESTED + "rotary dims)"),
+    "deepseek_v32": Notes(_N, examples="DeepSeek-V3.2"),
     "deepseek_v4": Notes("weights", examples="DeepSeek-V4 (hash-routed first layers included)"),
     "ernie4_5_moe": Notes(_S, examples="ERNIE-4.5-21B-A3B, 300B-A47B"),
     "exaone_moe": Notes(_N, examples="EXAONE MoE"),
     "flex_olmo": Notes(_S, examples="FlexOlmo"),
     "flint": Notes(_N, examples="Flint"),
     "glm4_moe": Notes(_N, examples="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
-    "glm4_moe_lite": Notes(_N, examples="GLM-4.7-Flash",
-              unsupported=_UNTESTED + "rotary dims)"),
-    "glm4v_moe": Notes(_N, examples="GLM-4.5V (vision-language; text-only ESFT)",
-              unsupported=_UNTESTED + "multimodal rotary sections)"),
-    "glm_moe_dsa": Notes(_N, examples="GLM-5",
-              unsupported=_UNTESTED + "rotary dims)"),
+    "glm4_moe_lite": Notes(_N, examples="GLM-4.7-Flash"),
+    "glm4v_moe": Notes(_N, examples="GLM-4.5V (vision-language; text-only ESFT)"),
+    "glm_moe_dsa": Notes(_N, examples="GLM-5"),
     "gpt_oss": Notes(_S, examples="gpt-oss-20b, gpt-oss-120b (bf16 weights; MXFP4 checkpoints need dequantizing)"),
     "granitemoe": Notes(_S, examples="Granite 3.0 MoE"),
     "granitemoe_swa": Notes(_S, examples="Granite MoE (sliding window)"),
@@ -71,10 +62,8 @@ NOTES: dict[str, Notes] = {
     "minimax": Notes(_S, examples="MiniMax-Text-01"),
     "minimax_m2": Notes(_N, examples="MiniMax-M2"),
     "minimax_m3_vl": Notes(_N, examples="MiniMax-M3-VL (vision-language; text-only ESFT)"),
-    "mistral4": Notes(_S, examples="Mistral 4",
-              unsupported=_UNTESTED + "rotary dims)"),
-    "mistral_large4": Notes(_S, examples="Mistral Large 4 (vision-language; text-only ESFT)",
-              unsupported=_UNTESTED + "rotary dims)"),
+    "mistral4": Notes(_S, examples="Mistral 4"),
+    "mistral_large4": Notes(_S, examples="Mistral Large 4 (vision-language; text-only ESFT)"),
     "mixtral": Notes(_S, examples="Mixtral 8x7B, 8x22B"),
     "olmoe": Notes(_S, examples="OLMoE"),
     "qwen2_moe": Notes(_S, examples="Qwen1.5-MoE, Qwen2-57B-A14B"),

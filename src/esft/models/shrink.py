@@ -23,13 +23,32 @@ TOWER_SIZES = {"depth": 1, "num_hidden_layers": 1, "num_layers": 1, "hidden_size
                "intermediate_size": 32, "num_heads": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                "out_hidden_size": 64, "text_hidden_size": 64, "projection_dim": 64, "output_dim": 64, "head_dim": 16}
 
-# Per model type: extra config values (applied after SIZES) that its validation needs.
+# Multi-head latent attention: as many key/value heads as query heads, and a head_dim that the rotary part
+# (qk_rope_head_dim, times partial_rotary_factor where the family has one) fits.
+_MLA = {"num_key_value_heads": 4, "head_dim": 8}
+# DeepSeek sparse attention's indexer, shrunk like the attention (top-4 keys of the test's 7 tokens).
+_DSA = {"index_head_dim": 16, "index_n_heads": 2, "index_topk": 4}
+
+# Per model type: extra config values (applied after SIZES) that its validation or forward needs.
 SHRINK_OVERRIDES: dict[str, dict] = {
+    "axk1": _MLA,
+    "axk2": {**_MLA, **_DSA},
+    "deepseek_v32": {**_MLA, **_DSA},
+    "glm4_moe_lite": _MLA,
+    "glm_moe_dsa": {**_MLA, **_DSA},
+    "mistral4": {**_MLA, "head_dim": 16},  # partial_rotary_factor 0.5: 16 * 0.5 = qk_rope_head_dim
+    "mistral_large4": {"text_config": {**_MLA, **_DSA, "head_dim": 16}},
     "dots3_note": {"num_key_value_heads": 4},
     "glm5_next": {"num_key_value_heads": 4},
     "hunyuan_v1_moe": {"head_dim": 16},
     "zaya": {"num_experts_per_tok": 1},
-    "glm4v_moe": {"text_config": {"head_dim": 64}},
+    # multimodal rotary: head_dim 16 * partial 0.5 = 8 rotary dims, 4 frequencies split over (t, h, w)
+    "glm4v_moe": {"text_config": {"head_dim": 16, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}}},
+    # linear-attention / Mamba state sizes the name rule does not catch (their torch fallbacks take seconds
+    # per forward at the defaults)
+    "kimi_linear": {"linear_head_dim": 16, "linear_num_heads": 4},
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16},
     "lfm2_moe": {"layer_types": ["full_attention", "conv", "full_attention"]},
 }
 
