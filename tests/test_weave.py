@@ -8,6 +8,7 @@ from esft.adapter.fingerprint import model_fingerprint
 from esft.adapter.io import AdapterError, merge_adapter, read_adapter, save_adapter
 from esft.models.loading import load_model
 from esft.overlay import ExpertOverlay
+from esft.serving.loadmem import allocation_peak
 from esft.serving.weave import Weaver, storage_bytes
 from esft.training.experts import apply_esft
 
@@ -107,31 +108,6 @@ def test_memory_is_base_plus_slots_from_start_up_and_unload_frees_the_slots(tiny
                                    _alone(tiny_dir, adapters["A"])(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
 
 
-def _allocation_peak(fn) -> int:
-    """Peak bytes held by CPU tensors allocated while ``fn`` runs: torch's CPU allocator reports every
-    allocation and free to the profiler (``profile_memory``); their running sum, in time order, is exactly
-    what was held on top of the tensors alive before ``fn``."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-
-    events = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-                     if n.typed[0] == _EventType.Allocation and n.typed[1].device.type == "cpu"),
-                    key=lambda n: n.start_time_ns)
-    held, peak = 0, 0
-    for n in events:
-        held += n.typed[1].alloc_size  # negative for a free
-        peak = max(peak, held)
-    return peak
-
-
 def test_peak_memory_during_a_load_stays_within_base_plus_slots(tiny_dir, adapters):
     """The model's storages are base + slots before, after and (no parameter is replaced) during a load; what a
     load allocates on top is the adapter's rows, layer by layer: far less than one layer's base experts, which
@@ -140,7 +116,7 @@ def test_peak_memory_during_a_load_stays_within_base_plus_slots(tiny_dir, adapte
     w = Weaver(model.eval(), max_adapters=2, max_adapter_experts=4)
     held = storage_bytes(model)
     a = read_adapter(adapters["A"])  # the adapter file's own tensors are the input, read before
-    peak = _allocation_peak(lambda: w.load("A", a))
+    peak = allocation_peak(lambda: w.load("A", a))
     assert w.names() == ["A"] and storage_bytes(model) == held
     overlay = next(iter(w.layers.values())).experts
     layer_experts = sum(p.numel() * p.element_size() for p in overlay.base.parameters())
@@ -148,7 +124,7 @@ def test_peak_memory_during_a_load_stays_within_base_plus_slots(tiny_dir, adapte
     # measured: 2.9x the largest layer's rows (the fused rows, the stacked checkpoint tensors, index maps)
     assert 0 < peak <= 4 * adapter_rows < layer_experts, (peak, adapter_rows, layer_experts)
     # the measurement sees a copy of the base: the same window around one layer's clone is over the bound
-    assert _allocation_peak(lambda: [p.clone() for p in overlay.base.parameters()]) >= layer_experts > 4 * adapter_rows
+    assert allocation_peak(lambda: [p.clone() for p in overlay.base.parameters()]) >= layer_experts > 4 * adapter_rows
 
 
 def test_bad_adapters_are_refused_and_the_rest_keep_serving(tiny_dir, adapters, tmp_path):
