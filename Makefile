@@ -7,6 +7,7 @@
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
+#   make families-table README's family table, from the family tests' results
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
 PY ?= python3
 VENV := .venv
@@ -62,7 +63,10 @@ bench-precision: install
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
+families-table: install
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/families_table.py
+
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

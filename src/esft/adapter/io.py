@@ -101,11 +101,13 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             tensors.update(load_file(str(f)))
         except Exception as e:  # safetensors raises several types for damaged files
             raise AdapterError(f"{f}: not a readable safetensors file ({e})") from None
-    # The reference code's v1 adapters stored keys without the "model." prefix.
-    tensors = {("model." + k if k.startswith("layers.") else k): v for k, v in tensors.items()}
     meta = {}
     if (path / META_FILE).exists():
         meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != "esft-expert-adapter":
+        # The reference code's v1 adapters stored keys without the "model." prefix. esft's own adapters keep
+        # the checkpoint's keys as they are (Mistral's native checkpoints do start with "layers.").
+        tensors = {("model." + k if k.startswith("layers.") else k): v for k, v in tensors.items()}
     return Adapter(path, cfg, tensors, meta)
 
 

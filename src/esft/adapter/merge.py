@@ -26,6 +26,7 @@ import torch
 
 from .. import __version__
 from ..io import atomic_dir, write_json_atomic
+from ..models.families import NOTES
 from ..models.loading import CheckpointError
 from ..models.registry import meta_model, moe_layers
 from .fingerprint import checkpoint_fingerprint, fingerprint_mismatch, fingerprint_version
@@ -212,6 +213,12 @@ def check_base_on_disk(adapter: Adapter, base: Path, allow_other_base: bool) -> 
     if not want:
         log.warning("%s has no esft_adapter.json (reference-code adapter?): its base model cannot be checked", adapter.path)
         return "not checked (adapter without esft_adapter.json)"
+    model_type = json.loads((base / "config.json").read_text()).get("model_type")
+    reason = getattr(NOTES.get(str(model_type)), "no_shard_check", None)
+    if reason:
+        log.warning("%s: the base model cannot be checked from a %s checkpoint's shards (%s); merging without the "
+                    "check (attach_adapter / esft eval on the loaded base check it)", adapter.path, model_type, reason)
+        return f"not checked ({model_type}: {reason})"
     version = fingerprint_version(want)
     if version == 1:
         log.warning("%s records a version-1 base fingerprint, which only a loaded model can give: the base model "

@@ -23,6 +23,9 @@ class Notes:
     experts: str = "sparse"
     examples: str = ""
     unsupported: str | None = None
+    # why ``esft merge`` cannot read the base-model fingerprint from this family's shards (it then merges
+    # without that check, saying so in esft_merge.json, as for version-1 fingerprints)
+    no_shard_check: str | None = None
 
 
 _S, _N = "softmax", "sigmoid_topk_norm"
@@ -53,17 +56,23 @@ NOTES: dict[str, Notes] = {
     "hy_v4": Notes(_N, examples="Hunyuan V4"),
     "inkling2": Notes(_N, examples="Inkling 2 (multimodal; text-only ESFT)"),
     "jamba": Notes(_S, examples="Jamba 1.5 Mini / Large"),
-    "kimi_linear": Notes(_N, examples="Kimi Linear"),
+    "kimi_linear": Notes(_N, examples="Kimi Linear",
+                         no_shard_check="its checkpoint stores q/k/v conv1d weights apart, stacked on loading"),
     "kolibri1": Notes("sigmoid", examples="Kolibri 1"),
     "laguna": Notes(_N, examples="Laguna"),
+    "lfm2_moe": Notes(_N, examples="LFM2-8B-A1B"),  # sigmoid, renormalised over the top-k (norm_topk_prob)
     "llama4": Notes("sigmoid", outputs="scores_logits", experts="dense_bmm", examples="Llama 4 Scout, Maverick (text model)"),
     "mellum": Notes(_S, examples="Mellum"),
     "mimo_v2_flash": Notes(_N, examples="MiMo-V2-Flash"),
     "minimax": Notes(_S, examples="MiniMax-Text-01"),
     "minimax_m2": Notes(_N, examples="MiniMax-M2"),
-    "minimax_m3_vl": Notes(_N, examples="MiniMax-M3-VL (vision-language; text-only ESFT)"),
+    "minimax_m3_vl": Notes(_N, examples="MiniMax-M3-VL (vision-language; text-only ESFT)",
+                           no_shard_check="its checkpoint stores the shared experts' gate and up projections apart, "
+                                          "concatenated on loading"),
     "mistral4": Notes(_S, examples="Mistral 4"),
-    "mistral_large4": Notes(_S, examples="Mistral Large 4 (vision-language; text-only ESFT)"),
+    "mistral_large4": Notes(_S, examples="Mistral Large 4 (vision-language; text-only ESFT)",
+                            no_shard_check="its vision encoder's checkpoint keys are not the reverse renamings of its "
+                                           "parameter names (e.g. vision_encoder.transformer.layers.N.attention.k_proj)"),
     "mixtral": Notes(_S, examples="Mixtral 8x7B, 8x22B"),
     "olmoe": Notes(_S, examples="OLMoE"),
     "qwen2_moe": Notes(_S, examples="Qwen1.5-MoE, Qwen2-57B-A14B"),
