@@ -96,7 +96,7 @@ def closed_loop(a) -> int:
     model_dir = a.model or embedded_model_dir()
 
     def load(path=model_dir):
-        m, t = load_model(path, dtype="float32", device="cpu")
+        m, t = load_model(path, dtype=a.dtype, device=a.device)
         if a.experts_implementation:
             m.config._experts_implementation = a.experts_implementation
         return m, t
@@ -256,7 +256,7 @@ def open_loop(a) -> int:
     from esft.serving.weave import Weaver
 
     model_dir = a.model or embedded_model_dir()
-    model, tok = load_model(model_dir, dtype="float32", device="cpu")
+    model, tok = load_model(model_dir, dtype=a.dtype, device=a.device)
     if a.experts_implementation:
         model.config._experts_implementation = a.experts_implementation
     results = []
@@ -264,7 +264,7 @@ def open_loop(a) -> int:
         most = max(a.adapters)
         dirs = make_adapters(model_dir, Path(tmp), most, a.experts_per_layer, a.seed) if most else []
         for n in sorted(a.adapters):
-            m, _ = load_model(model_dir, dtype="float32", device="cpu")
+            m, _ = load_model(model_dir, dtype=a.dtype, device=a.device)
             if a.experts_implementation:
                 m.config._experts_implementation = a.experts_implementation
             weaver = Weaver(m, max_adapters=n, max_adapter_experts=n * a.experts_per_layer) if n else None
@@ -341,6 +341,9 @@ def main(argv=None) -> int:
                     help="transformers experts kernel for every model compared (eager, batched_mm, grouped_mm; "
                     "default: the model's own)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the served models run: cpu, cuda, cuda:N "
+                    "(adapters are made on the CPU)")
+    ap.add_argument("--dtype", default="float32", help="served models' dtype: float32, bfloat16")
     a = ap.parse_args(argv)
     openl = a.mode == "open-loop"
     a.adapters = a.adapters if a.adapters is not None else ([0, 1, 8, 16] if openl else [1, 4, 8, 16])

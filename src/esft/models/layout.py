@@ -103,7 +103,8 @@ class ExpertLayout:
             for i, p in enumerate(self.params):
                 sel = (t.param_of == i).nonzero(as_tuple=True)[0]
                 if sel.numel():
-                    flat[p][:, t.index[sel].to(flat[p].device)] = src[:, sel.to(src.device)].to(flat[p].dtype)
+                    flat[p][:, t.index[sel].to(flat[p].device)] = src[:, sel.to(src.device)].to(flat[p].device,
+                                                                                          flat[p].dtype)
         return {p: flat[p].reshape(len(ids), *s) for p, s in zip(self.params, self.row_shapes)}
 
 
