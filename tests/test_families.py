@@ -139,3 +139,19 @@ def test_unsupported_type_with_fused_experts_names_its_reason():
 def test_model_type_without_family_entry_is_refused():
     with pytest.raises(UnsupportedModelError, match="'llama' is not a supported MoE family"):
         tiny_config("llama")
+
+
+def test_families_command_lists_supported_types_and_reasons(capsys):
+    import json
+
+    from esft.cli import main
+
+    assert main(["families", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert main(["families", "--supported", "--json"]) == 0
+    supported = json.loads(capsys.readouterr().out)
+    assert {r["model_type"] for r in supported} == {r["model_type"] for r in every if r["supported"]}
+    assert len(supported) >= 40 and all(r["supported"] for r in supported)
+    assert {"gpt_oss", "glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4", "deepseek_v4"} <= {r["model_type"] for r in supported}
+    refused = [r for r in every if not r["supported"]]
+    assert refused and all(r["reason"] for r in refused)  # every unsupported type says why

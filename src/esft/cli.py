@@ -113,15 +113,16 @@ def cmd_families(a) -> int:
     from .models.catalog import family_status
 
     rows = family_status(check=a.check)
+    title = f"MoE model types of the installed transformers ({sum(r.supported for r in rows)} of {len(rows)} supported)"
+    rows = [r for r in rows if r.supported or not a.supported]
     if a.json:
         import json
 
         print(json.dumps([vars(r) for r in rows], indent=1))
         return 0
-    _table(f"MoE model types of the installed transformers ({sum(r.supported for r in rows)} of {len(rows)} supported)",
-           ["model_type", "status", "gate", "examples / reason"],
+    _table(title, ["model_type", "status", "gate", "examples / reason"],
            [[r.model_type, "supported" if r.supported else "not supported", r.gate, r.examples if r.supported else r.reason]
-            for r in rows if r.supported or not a.supported])
+            for r in rows])
     return 0
 
 
