@@ -76,6 +76,12 @@ def sweep_runs(tasks: list[str], lrs: dict[str, list[float]]) -> list[Run]:
     return [Run(t, SWEPT[fam], lr, 0) for fam, grid in lrs.items() for lr in grid for t in tasks]
 
 
+def frontier_seed_runs(support: dict[tuple[str, str], list[float]], seeds: int) -> list[Run]:
+    """Seeds 1.. of the swept variant at the LRs on each (family, task)'s frontier (``support``:
+    (family, task) -> LRs, from seed 0's grid); seed 0 is already in the grid."""
+    return [Run(t, SWEPT[fam], lr, s) for (fam, t), lrs in support.items() for lr in lrs for s in range(1, seeds)]
+
+
 def report_runs(tasks: list[str], seeds: int, lr: dict[str, float], ablations: bool,
                 p_values: list[float]) -> list[Run]:
     """Every run of the report after the learning rates are fixed (``lr``: family -> LR)."""

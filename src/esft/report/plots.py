@@ -126,3 +126,43 @@ def tradeoff(points: dict[str, tuple[float, float]], base_general: float, path: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def frontiers(panels: dict[str, dict], budgets: list[float], path: str | Path) -> None:
+    """One panel per task: each method's best task score against the forgetting budget.
+
+    ``panels``: task -> {"base": base task score, "methods": {method: {"budget": [b...],
+    "mean": [...], "std": [...], "runs": [(forgetting, score, lr, seed), ...]}}}. The curve is the
+    seeds' mean frontier value (band: ± std); the dots are the individual runs (hollow: seed 0 of
+    the LR grid; filled: the other seeds at the frontier LRs).
+    """
+    import numpy as np
+
+    plt = _plt()
+    n = len(panels)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    colors = {}
+    for ax, (task, panel) in zip(axes.flat, panels.items()):
+        for method, m in panel["methods"].items():
+            c = colors.setdefault(method, f"C{len(colors)}")
+            b, mean, std = (np.asarray(m[k], dtype=float) for k in ("budget", "mean", "std"))
+            ax.plot(b, mean, color=c, lw=1.8, label=method)
+            ax.fill_between(b, mean - std, mean + std, color=c, alpha=0.15, lw=0)
+            for f, s, _lr, seed in m["runs"]:
+                ax.scatter([f], [s], s=18, edgecolors=c, facecolors="none" if seed == 0 else c, alpha=0.8, lw=0.8)
+        for x in budgets:
+            ax.axvline(x, color="grey", lw=0.6, ls=":")
+        ax.axhline(panel["base"], color="k", lw=0.7, ls="--", label="base model")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("forgetting: general-ability points lost")
+        ax.set_ylabel("task score")
+        ax.set_xlim(left=min(-1.0, ax.get_xlim()[0]))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Best task score within a forgetting budget (curves: mean over seeds; dots: runs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

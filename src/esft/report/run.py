@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ReportConfig
-from .plan import MAIN, SWEPT, Run, choose_lr, report_runs, sweep_runs, variant_by_name
+from .plan import MAIN, SWEPT, Run, choose_lr, frontier_seed_runs, report_runs, sweep_runs, variant_by_name
 
 log = logging.getLogger(__name__)
 COST = {"full": 3, "lora": 3, "esft": 1}  # rough relative step cost, to start the long runs first
@@ -179,6 +179,18 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
             "selected": selected}
 
 
+def frontier_lrs(results: list[dict], variant: str, task: str, base_task: float, base_general: float,
+                 budgets: list[float]) -> list[float]:
+    """The LRs of ``variant``'s seed-0 grid on ``task`` that its frontier values at ``budgets`` use."""
+    from .frontier import frontier_support, path_for
+
+    points = {r["lr"]: (base_general - r["general"], r["task_score"])
+              for r in results if r["variant"] == variant and r["task"] == task and r["seed"] == 0}
+    lrs = sorted(points)
+    used = frontier_support(path_for(base_task, points), budgets)
+    return [lrs[i - 1] for i in sorted(used) if i > 0]  # index 0 is the base model
+
+
 def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft report") -> dict:
     """Run (or resume) every run of the comparison and write the Markdown report. Returns its data."""
     from ..io import write_json_atomic
@@ -188,20 +200,25 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
     prep = prepare(cfg, progress)
     runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress, prep["model_fingerprint"])
     lr = {"esft": cfg.lr_esft, "full": cfg.lr_full, "lora": cfg.lr_lora}
-    sweep, sweep_results = {}, []
+    sweep, sweep_results, support = {}, [], {}
     if cfg.sweep:
         grids = {"esft": cfg.sweep_esft, "full": cfg.sweep_full, "lora": cfg.sweep_lora}
-        sweep_results = runner.execute(sweep_runs(cfg.tasks, grids), "LR sweep")
+        sweep_results = runner.execute(sweep_runs(cfg.tasks, grids), "LR grid (seed 0)")
         for fam, grid in grids.items():
             losses = {g: {r["task"]: (r["best_valid_loss"] if r["best_valid_loss"] is not None else float("inf"))
                           for r in sweep_results if r["variant"] == SWEPT[fam] and r["lr"] == g} for g in grid}
             lr[fam], rel = choose_lr(losses)
             sweep[fam] = {"chosen": lr[fam], "relative_loss": rel}
-    results = runner.execute(report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep), "runs")
+            for t in cfg.tasks:  # the LRs that make seed 0's frontier: they get the other seeds
+                support[(fam, t)] = frontier_lrs(sweep_results, SWEPT[fam], t, prep["base"][t], prep["base_general"],
+                                                 cfg.budgets)
+    runs = report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep) + frontier_seed_runs(support, cfg.seeds)
+    results = runner.execute(runs, "seeds at the frontier and the chosen LRs" if cfg.sweep else "runs")
     keys = {r["key"] for r in results}
     results += [r for r in sweep_results if r["key"] not in keys]
     state = {
         "config": asdict(cfg), "command": command, "lr": lr, "sweep": sweep, "results": results,
+        "frontier_lrs": {f"{fam}/{t}": lrs for (fam, t), lrs in support.items()},
         "base": prep["base"], "base_general": prep["base_general"], "base_per_domain": prep["base_per_domain"],
         "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,
                          "num_experts": p.num_experts, "top_k": p.top_k} for t, p in prep["profiles"].items()},
