@@ -1,5 +1,6 @@
 """The shipped model: loads offline, a few ESFT steps end to end, clear errors when damaged."""
 
+import json
 import shutil
 
 import pytest
@@ -54,12 +55,54 @@ def test_few_esft_steps_on_the_shipped_model_end_to_end(tmp_path):
     assert s["best_valid_loss"] is not None
 
 
-def test_pretraining_script_is_deterministic(tmp_path):
-    """Same seed -> byte-identical checkpoint (a short run; the shipped one is the same script at full length)."""
+def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    """Same seed -> byte-identical checkpoint, also when the run is killed and resumed from its
+    state (a short run; the shipped models are the same script at full length)."""
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qm
+
     from esft.embedded.pretrain import main
 
-    args = ["--steps", "3", "--examples-per-task", "300", "--batch-size", "4", "--seq-len", "128", "--vocab-size", "600"]
-    assert main(["--out", str(tmp_path / "a"), *args]) == 0
-    assert main(["--out", str(tmp_path / "b"), *args]) == 0
+    args = ["--steps", "4", "--examples-per-task", "300", "--batch-size", "4", "--seq-len", "128", "--vocab-size", "600",
+            "--shape", "v2lite", "--threads", "1"]
+    assert main(["--out", str(tmp_path / "a"), "--save-every", "0", *args]) == 0
+
+    real, calls = qm.load_balancing_loss_func, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    state = ["--state-dir", str(tmp_path / "state"), "--save-every", "2"]
+    monkeypatch.setattr(qm, "load_balancing_loss_func", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--out", str(tmp_path / "b"), *state, *args])
+    assert (tmp_path / "state" / "state.pt").exists() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(qm, "load_balancing_loss_func", real)
+    with pytest.raises(SystemExit, match="steps: 4 there, 5 now"):  # other settings: refused, not continued
+        main(["--out", str(tmp_path / "b"), *state, *[x if x != "4" else "5" for x in args]])
+    assert main(["--out", str(tmp_path / "b"), *state, *args]) == 0
+    assert not (tmp_path / "state").exists()
+    assert json.loads((tmp_path / "b" / "pretrain_log.json").read_text())["resumed_at_step"] == 2
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["n_shared_experts"]) == (64, 6, 2)
     for f in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_shipped_models_by_name(tmp_path, monkeypatch):
+    from esft.embedded import SHIPPED, resolve_model
+    from esft.training.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("small") == resolve_model(None) == MODEL_DIR
+    cfg = TrainConfig(model="small", train_data="x.jsonl", output_dir="o", method="full")
+    assert cfg.model == str(MODEL_DIR)
+    (tmp_path / "small").mkdir()  # a directory of that name in the working directory wins
+    assert resolve_model("small") == tmp_path / "small" or resolve_model("small").resolve() == tmp_path / "small"
+    if not (SHIPPED["v2lite"] / "model.safetensors").exists():  # not built: the error says how to build it
+        with pytest.raises(EmbeddedModelError, match="--shape v2lite"):
+            resolve_model("v2lite")
+    else:
+        assert resolve_model("v2lite") == SHIPPED["v2lite"]

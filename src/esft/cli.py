@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profile", help="routing statistics (ESFT-Gate and ESFT-Token scores) of a task's data",
                         description="Run the model over the task's data and score every routed expert of every "
                         "MoE layer (per-sequence, per-layer normalised).")
-    sp.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    sp.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or a shipped model: small, v2lite")
     sp.add_argument("--data", required=True, help="task JSONL in the messages layout")
     sp.add_argument("--out", required=True, help="scores summary JSON to write (reference layout)")
     sp.add_argument("--max-tokens", type=int, default=131072, help="token budget (default: 131072 = 32 x 4096)")
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="score a model (base, + ESFT or LoRA adapter, merged) on a task, locally",
                         description="Greedy, batched generation on a suite task's eval split or a JSONL file "
                         "(messages layout or the reference {prompt, answers} layout), scored with a local metric.")
-    sp.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    sp.add_argument("--model", default=None, help="checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--adapter", default=None, help="ESFT adapter directory, or a PEFT/LoRA adapter directory")
     sp.add_argument("--task", default=None, help="suite task name (e.g. intent_json); or use --data")
     sp.add_argument("--data", default=None, help="JSONL file to evaluate; or use --task")
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--score-function", default="token", choices=["token", "gate"], help="ESFT-Token or ESFT-Gate")
     sp.add_argument("--top-p", type=float, default=None, help="selection threshold (default: 0.2 token, 0.1 gate)")
     sp.add_argument("--out", default="runs/demo", help="output directory, replaced on each run (default: runs/demo)")
-    sp.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    sp.add_argument("--model", default=None, help="checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     sp.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     sp.add_argument("--seed", type=int, default=0, help="seed for data and training")
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many ESFT adapters in one batch",
                         description="Serve the base model and every adapter (picked by the request's 'model' field) "
                         "from one copy of the base weights; requests of different adapters are batched together.")
-    sp.add_argument("--model", default=None, help="base checkpoint directory (default: the shipped model)")
+    sp.add_argument("--model", default=None, help="base checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--base-name", default="base", help="the base model's name in /v1/models (default: base)")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="an ESFT adapter to serve as model NAME (repeatable); DIR must lie under --adapter-root")

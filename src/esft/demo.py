@@ -40,7 +40,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     import torch
 
     from .adapter.io import attach_adapter, read_adapter
-    from .embedded import embedded_model_dir
+    from .embedded import resolve_model
     from .eval.generate import evaluate_task, general_ability
     from .models.loading import load_model
     from .models.registry import moe_layers
@@ -54,7 +54,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     task = get_task(cfg.task)  # unknown name -> error listing the tasks
     if task.kind != "adaptation":
         raise ValueError(f"{cfg.task!r} is a general domain; pick an adaptation task: {', '.join(task_names('adaptation'))}")
-    model_dir = Path(cfg.model) if cfg.model else embedded_model_dir()
+    model_dir = resolve_model(cfg.model)
     top_p = cfg.top_p if cfg.top_p is not None else (0.2 if cfg.score_function == "token" else 0.1)
     out = Path(cfg.out)
     if out.exists():

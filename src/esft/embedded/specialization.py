@@ -29,9 +29,9 @@ def measure(model_dir: str | None = None, tokens: int = 16384, seq_len: int = 25
     from ..report.plots import overlap
     from ..selection.select import SelectConfig, select_experts
     from ..tasks import TASKS, write_suite
-    from . import embedded_model_dir
+    from . import resolve_model
 
-    model_dir = str(model_dir or embedded_model_dir())
+    model_dir = str(resolve_model(model_dir))
     model, tok = load_model(model_dir, dtype="float32", device="cpu")
     names = tasks or list(TASKS)
     res: dict = {"model": model_dir, "tokens_per_task": tokens, "top_p": top_p, "tasks": {}}

@@ -57,6 +57,10 @@ class EvalConfig:
     harness_unsafe_code: bool = field(default=False, metadata={"help": "allow harness tasks that run model code"})
 
     def __post_init__(self):
+        if self.model:
+            from ..embedded import resolve_model
+
+            self.model = str(resolve_model(self.model))  # a shipped model's name -> its directory
         if self.task and self.data:
             raise ValueError("give exactly one of task (a suite task) or data (a JSONL file)")
         if not (self.task or self.data or self.harness):

@@ -104,7 +104,9 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    path = Path(path)
+    from ..embedded import resolve_model
+
+    path = resolve_model(path)  # a shipped model's name ("small", "v2lite") or a directory
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
     device = resolve_device(device)

@@ -18,7 +18,7 @@ ADAPTATION_TASKS = ["intent_json", "translate_synth", "word_problems", "verdict_
 class ReportConfig:
     report: str = _f("docs/report.md", "Markdown report to write (PNG plots and results JSON go beside it)")
     work_dir: str = _f("runs/report", "run directories and the result cache (a rerun reuses finished runs)")
-    model: str | None = _f(None, "base checkpoint (default: the shipped model)")
+    model: str | None = _f(None, "base checkpoint directory, or a shipped model: small (default), v2lite")
     tasks: list[str] = _f(None, "adaptation tasks to compare on", lambda: list(ADAPTATION_TASKS))
     seeds: int = _f(3, "training seeds per method and task (mean +- std over them)")
     steps: int = _f(100, "optimizer steps per run (the same budget for every method)")

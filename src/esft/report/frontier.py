@@ -2,17 +2,17 @@
 
 A method trained on a task at learning rate ``lr`` gives one point ``(forgetting, task score)``,
 where forgetting = the base model's general ability minus the trained model's (points; negative
-when general ability rose). Raising the LR moves the point along a path that starts at the base
-model itself (LR 0: forgetting 0, the base task score). The *frontier value* at a forgetting
-budget ``b`` is the best task score reachable on that path without forgetting more than ``b``:
+when general ability rose). The base model itself is one more point: LR 0, forgetting 0, the base
+task score. The method's *frontier* is the Pareto front of its points: those that no other point
+beats on both axes, sorted by forgetting (so their scores rise), joined by straight lines.
 
-    max( scores of the points with forgetting <= b,
-         the score linearly interpolated at forgetting = b on every path segment that crosses b )
-
-Interpolating along a segment stands for an LR between the two measured ones. Because the path
-starts at the base model, the value is defined for every ``b >= 0``, even when the smallest LR
-already forgets more than ``b``. Every method gets the same number of LRs, so the upward bias of
-taking a maximum over noisy points is shared.
+The *frontier value* at a forgetting budget ``b`` is the frontier's height at ``b``: the score of
+the last frontier point with forgetting <= ``b``, interpolated linearly towards the next frontier
+point (which forgets more than ``b``). Interpolation stands for an LR between the two measured
+ones. Because the base model is a point, the value is defined for every ``b >= 0``. The order of
+the LRs does not matter, so a larger LR that happens to forget less (noise) is handled, and a
+dominated point never changes any value. Every method gets the same number of LRs, so the upward
+bias of taking the best of noisy points is shared.
 """
 
 from __future__ import annotations
@@ -22,39 +22,56 @@ import math
 Point = tuple[float, float]  # (forgetting in points, task score)
 
 
-def _candidates(path: list[Point], budget: float) -> list[tuple[float, tuple[int, ...]]]:
-    """(score, indices of the path points it depends on) for every way of staying within ``budget``."""
-    out = [(s, (i,)) for i, (f, s) in enumerate(path) if f <= budget]
-    for i in range(len(path) - 1):
-        (f0, s0), (f1, s1) = path[i], path[i + 1]
-        if min(f0, f1) < budget < max(f0, f1):  # the segment crosses the budget strictly inside
-            out.append((s0 + (s1 - s0) * (budget - f0) / (f1 - f0), (i, i + 1)))
-    return out
+def pareto(points: list[Point]) -> list[int]:
+    """Indices of the non-dominated points, by increasing forgetting (scores strictly rising).
+
+    A point is dominated when another forgets no more and scores at least as much, one of them
+    strictly; of identical points the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
 
 
-def frontier_value(path: list[Point], budget: float) -> float:
-    """Best task score with forgetting <= ``budget`` along ``path`` (the base model first, then the
-    LRs in increasing order). NaN when nothing on the path stays within the budget (only possible
-    when the path does not start at forgetting <= budget)."""
-    c = _candidates(path, budget)
-    return max(s for s, _ in c) if c else math.nan
+def _bracket(points: list[Point], budget: float) -> tuple[int, int | None] | None:
+    """(last frontier point within the budget, the next frontier point or None); None if none is within."""
+    front = pareto(points)
+    within = [i for i in front if points[i][0] <= budget]
+    if not within:
+        return None
+    k = front.index(within[-1])
+    return within[-1], (front[k + 1] if k + 1 < len(front) else None)
 
 
-def frontier_support(path: list[Point], budgets: list[float]) -> set[int]:
-    """Indices of the path points that the frontier values at ``budgets`` are made of: the chosen
-    point, or both ends of the chosen segment (ties: all of them). These are the LRs worth more
-    seeds: every other LR is dominated at every budget."""
+def frontier_value(points: list[Point], budget: float) -> float:
+    """The frontier's height at forgetting = ``budget`` (see the module docstring). NaN when no
+    point forgets <= ``budget`` (impossible once the base model's point is included)."""
+    br = _bracket(points, budget)
+    if br is None:
+        return math.nan
+    (f0, s0), nxt = points[br[0]], br[1]
+    if nxt is None:
+        return s0
+    f1, s1 = points[nxt]
+    return s0 + (s1 - s0) * (budget - f0) / (f1 - f0)
+
+
+def frontier_support(points: list[Point], budgets: list[float]) -> set[int]:
+    """Indices of the points the values at ``budgets`` are made of (the two frontier points around
+    each budget). These are the LRs worth more seeds: dropping any other point changes no value."""
     used: set[int] = set()
     for b in budgets:
-        c = _candidates(path, b)
-        if c:
-            best = max(s for s, _ in c)
-            used |= {i for s, idx in c if s >= best - 1e-12 for i in idx}
+        br = _bracket(points, b)
+        if br is not None:
+            used |= {i for i in br if i is not None}
     return used
 
 
 def path_for(base_task: float, points: dict[float, Point]) -> list[Point]:
-    """The path: the base model (LR 0, no forgetting), then ``{lr: (forgetting, score)}`` by LR."""
+    """The base model's point (LR 0, no forgetting) first, then ``{lr: (forgetting, score)}`` by LR."""
     return [(0.0, base_task)] + [points[lr] for lr in sorted(points)]
 
 

@@ -130,7 +130,7 @@ def _job_id(job: dict) -> str:
 
 def prepare(cfg: ReportConfig, progress: bool) -> dict:
     """Data, base-model scores, routing profiles and every expert selection the runs need."""
-    from ..embedded import embedded_model_dir
+    from ..embedded import resolve_model
     from ..eval.generate import evaluate_task, general_ability
     from ..io import write_json_atomic
     from ..models.loading import load_model
@@ -140,7 +140,7 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
     from .plan import ABLATIONS, p_variant
 
     work = Path(cfg.work_dir)
-    model_dir = str(Path(cfg.model) if cfg.model else embedded_model_dir())
+    model_dir = str(resolve_model(cfg.model))
     data = write_suite(work / "data", cfg.n_train, cfg.n_valid, 1, seed=0, tasks=cfg.tasks)
     model, tok = load_model(model_dir, dtype="auto", device="auto")
     base = {t: evaluate_task(model, tok, t, cfg.n_eval, 0).score for t in cfg.tasks}

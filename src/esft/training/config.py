@@ -11,7 +11,7 @@ def _f(default, help: str):
 
 @dataclass
 class TrainConfig:
-    model: str = _f("", "local Hugging Face checkpoint directory of the base MoE model")
+    model: str = _f("", "local Hugging Face checkpoint directory of the base MoE model, or a shipped model: small, v2lite")
     train_data: str = _f("", "JSONL of conversations ({'messages': [...]}) to learn")
     output_dir: str = _f("", "where checkpoints, logs and the adapter go")
     method: str = _f("esft", "esft (only the experts of expert_config), full (full fine-tuning) or lora (PEFT LoRA baseline)")
@@ -66,6 +66,9 @@ class TrainConfig:
         for name in ("model", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
+        from ..embedded import resolve_model
+
+        self.model = str(resolve_model(self.model))  # a shipped model's name -> its directory
         for name in ("seq_len", "batch_size", "grad_accum", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
