@@ -104,3 +104,9 @@ def test_report_config_modes():
     assert ReportConfig(tasks=["translate_synth"], quick=True).ablations
     with pytest.raises(ValueError, match="budgets"):
         ReportConfig(tasks=["translate_synth"], budgets=[-1.0])
+
+
+def test_failed_evaluations_are_not_on_the_front():
+    path = [(0.0, 10.0), (math.nan, 50.0), (1.0, 30.0), (2.0, 40.0)]
+    assert frontier_value(path, 1.5) == pytest.approx(35.0)
+    assert 1 not in frontier_support(path, [1.0, 1.5])

@@ -41,7 +41,8 @@ class ReportConfig:
     sweep_full: list[float] = _f(None, "full fine-tuning learning rates", lambda: [1e-4, 2e-4, 3e-4, 5e-4, 1e-3])
     sweep_lora: list[float] = _f(None, "LoRA learning rates", lambda: [3e-4, 1e-3, 2e-3, 3e-3, 6e-3])
     budgets: list[float] = _f(None, "forgetting budgets in general-ability points: the headline table gives each "
-                                    "method's best task score losing at most this much", lambda: [1.0, 2.0, 5.0])
+                                    "method's task score at this much forgetting (its Pareto front's height)",
+                              lambda: [1.0, 2.0, 5.0])
     extended: bool = _f(False, "also run the ablations (random experts, + shared, + non-expert) and the p sweep "
                                "(about 25 more minutes on 2 cores)")
     p_sweep: list[float] = _f(None, "extra ESFT-Token p values (seed 0 only; [] = skip; --extended: 0.05 0.1 0.3 0.5)",

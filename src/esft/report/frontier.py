@@ -9,10 +9,11 @@ beats on both axes, sorted by forgetting (so their scores rise), joined by strai
 The *frontier value* at a forgetting budget ``b`` is the frontier's height at ``b``: the score of
 the last frontier point with forgetting <= ``b``, interpolated linearly towards the next frontier
 point (which forgets more than ``b``). Interpolation stands for an LR between the two measured
-ones. Because the base model is a point, the value is defined for every ``b >= 0``. The order of
-the LRs does not matter, so a larger LR that happens to forget less (noise) is handled, and a
-dominated point never changes any value. Every method gets the same number of LRs, so the upward
-bias of taking the best of noisy points is shared.
+ones, so the value is an estimate that more LRs refine (a new front point can lower it as well
+as raise it). Because the base model is a point, the value is defined for every ``b >= 0``. The
+order of the LRs does not matter, so a larger LR that happens to forget less (noise) is handled,
+and a dominated point never changes any value. Every method gets the same number of LRs, so the
+upward bias of taking the best of noisy points is shared.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def pareto(points: list[Point]) -> list[int]:
     """Indices of the non-dominated points, by increasing forgetting (scores strictly rising).
 
     A point is dominated when another forgets no more and scores at least as much, one of them
-    strictly; of identical points the first is kept."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    strictly; of identical points the first is kept. Points with a non-finite coordinate (a
+    failed evaluation) are never on the front."""
+    finite = [i for i, (f, s) in enumerate(points) if math.isfinite(f) and math.isfinite(s)]
+    order = sorted(finite, key=lambda i: (points[i][0], -points[i][1], i))
     front, best = [], -math.inf
     for i in order:
         if points[i][1] > best:

@@ -129,7 +129,7 @@ def tradeoff(points: dict[str, tuple[float, float]], base_general: float, path: 
 
 
 def frontiers(panels: dict[str, dict], budgets: list[float], path: str | Path) -> None:
-    """One panel per task: each method's best task score against the forgetting budget.
+    """One panel per task: each method's Pareto-front height (task score) against the forgetting budget.
 
     ``panels``: task -> {"base": base task score, "methods": {method: {"budget": [b...],
     "mean": [...], "std": [...], "runs": [(forgetting, score, lr, seed), ...]}}}. The curve is the
@@ -157,12 +157,13 @@ def frontiers(panels: dict[str, dict], budgets: list[float], path: str | Path) -
         ax.axhline(panel["base"], color="k", lw=0.7, ls="--", label="base model")
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("forgetting: general-ability points lost")
-        ax.set_ylabel("task score")
+        ax.set_ylabel("task score (front height)")
         ax.set_xlim(left=min(-1.0, ax.get_xlim()[0]))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Best task score within a forgetting budget (curves: mean over seeds; dots: runs)", fontsize=10)
+    fig.suptitle("Task score at matched forgetting: Pareto front of each method's runs (curves: mean over seeds; "
+                 "dots: runs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

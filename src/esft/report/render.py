@@ -343,13 +343,19 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
     if not mf:
         return [], mf
     bh = [f"forgetting ≤ {b:g}" for b in budgets]
+    seeds = state["config"]["seeds"]
+    more = (f"the runs its frontier values are made of are repeated with {seeds - 1} more seed(s)" if seeds > 1
+            else "one seed")
     L = ["## Task skill at matched forgetting (the headline)", "",
-         "Each method is trained at every learning rate of its grid (seed 0); the LRs its frontier uses get "
-         f"{state['config']['seeds'] - 1} more seed(s). *Forgetting* is the base model's general ability "
-         f"({state['base_general']:.1f}) minus the trained model's, in points. For each budget, a method's value "
-         "is its best task score among the runs that forget at most that much, interpolated linearly between "
-         "neighbouring LRs (the path starts at the base model, LR 0), computed per seed over the LRs every seed "
-         "ran, then averaged (mean ± sample std over seeds). The average column averages the tasks per seed.", ""]
+         f"Each method is trained at every learning rate of its grid (seed 0); {more}. *Forgetting* is the base "
+         f"model's general ability ({state['base_general']:.1f}) minus the trained model's, in points. Each run is "
+         "a point (forgetting, task score), the base model is the point (0, its task score), and a method's value "
+         "at a budget is the height there of the Pareto front of its points joined by straight lines: the best "
+         "score among runs forgetting at most the budget, raised linearly towards the next front point (an LR "
+         "in between). It is computed per seed over the LRs every seed ran, then averaged (mean ± sample std over "
+         "seeds); the average column averages the tasks per seed. Seed 0 also chose which LRs to repeat, so its "
+         "values are the most favourable of the seeds; every method has the same number of LRs, so this "
+         "favours none of them.", ""]
     rows = [["Base model (no training)"] + [f"{statistics.fmean(state['base'][t] for t in tasks):.1f}"] * len(budgets)]
     for v, m in mf.items():
         rows.append([v] + [fmt_ms(_col(m["average"], i)) for i in range(len(budgets))])
@@ -372,13 +378,14 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             rows.append([f"{v}, ≤ {b:g}"] + [fmt_ms(_col(m["tasks"][t]["values"], i)) for t in tasks])
     L += table(["method, forgetting budget"] + tasks, rows)
     lr_rows = [[v] + [", ".join(f"{x:g}" for x in m["tasks"][t]["lrs"]) for t in tasks] for v, m in mf.items()]
-    L += ["", "LRs with every seed (the frontier's LRs on seed 0, and the LR chosen by validation loss):", ""]
+    L += ["", "LRs the values are computed over (with more than one seed: those on seed 0's front around a budget, "
+          "and the second view's LR):", ""]
     L += table(["method"] + tasks, lr_rows)
 
     panels = {}
     for t in tasks:
-        runs_t = [r for r in state["results"] if r["task"] == t]
-        top = max([state["base_general"] - r["general"] for r in runs_t] + budgets) + 1
+        runs_t = [r for r in state["results"] if r["task"] == t and r["variant"] in mf]
+        top = max([state["base_general"] - r["general"] for r in runs_t if math.isfinite(r["general"])] + budgets) + 1
         grid = np.linspace(0, top, 240)
         methods = {}
         for v, m in mf.items():
@@ -389,6 +396,8 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
                 pts = {r["lr"]: (state["base_general"] - r["general"], r["task_score"])
                        for r in runs_v if r["seed"] == s and r["lr"] in lrs}
                 curves.append([frontier_value(path_for(state["base"][t], pts), b) for b in grid])
+            if not curves:  # no seed ran every LR of this task (a partial state): nothing to draw
+                continue
             arr = np.asarray(curves)
             methods[v] = {"budget": grid, "mean": arr.mean(0),
                           "std": arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(len(grid)),
