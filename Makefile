@@ -3,7 +3,9 @@
 #   make test        the test suite (fast default; `make test-all` includes slow checks)
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
-#   make report      ESFT vs FFT vs LoRA + ablations, 4 tasks x 3 seeds -> docs/report.md (< 60 min on 2 cores)
+#   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
+#   make report-extended  the same + ablations and the p sweep (reuses the report's runs)
+#   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
@@ -37,6 +39,9 @@ specialization: install
 pretrain: install
 	$(BIN)/python -m esft.embedded.pretrain --out src/esft/embedded/model
 
+pretrain-v2lite: install
+	$(BIN)/python -m esft.embedded.pretrain --shape v2lite --threads 2 --save-every 50 --out src/esft/embedded/model_v2lite
+
 quickstart: install
 	rm -rf runs/tiny
 	$(BIN)/esft make-tiny --out runs/tiny
@@ -47,6 +52,9 @@ quickstart: install
 
 report: install
 	$(BIN)/esft report
+
+report-extended: install
+	$(BIN)/esft report --extended
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
@@ -69,4 +77,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

@@ -78,7 +78,7 @@ def small_report(tmp_path_factory):
     cfg = ReportConfig(report=str(root / "r" / "report.md"), work_dir=str(root / "work"), tasks=["translate_synth"],
                        seeds=2, steps=2, eval_every=1, n_train=60, n_valid=8, n_eval=6, n_general=2,
                        profile_tokens=1024, sweep_esft=[1e-3, 1e-2], sweep_full=[1e-4], sweep_lora=[1e-3],
-                       p_sweep=[0.5], ablations=False, workers=0)
+                       p_sweep=[0.5], ablations=False, workers=0, extended=True)
     state = run_report(cfg, progress=False, command="esft report (test)")
     return cfg, state, (root / "r" / "report.md").read_text()
 
@@ -113,6 +113,37 @@ def test_report_tables_match_the_result_files(small_report):
     for png in ("tradeoff", "routing", "concentration", "overlap"):
         assert (Path(cfg.report).parent / f"report_{png}.png").stat().st_size > 1000
     assert "ESFT-Token p=0.5" not in md and "| 0.5 |" in md  # the p sweep table
+
+
+def test_report_leads_with_matched_forgetting(small_report, monkeypatch):
+    """The headline's cells are the frontier values of the result files; the default mode (no
+    --extended) reuses the same runs and leaves out ESFT-Gate."""
+    import dataclasses
+
+    import esft.report.worker as worker
+    from esft.report.frontier import frontier_value, path_for
+    from esft.report.run import run_report
+
+    cfg, state, md = small_report
+    assert md.index("## Task skill at matched forgetting") < md.index("## Second view")
+    t, base, bg = "translate_synth", state["base"]["translate_synth"], state["base_general"]
+    for v in ("FFT", "LoRA", "ESFT-Token"):
+        runs = [r for r in state["results"] if r["variant"] == v and r["task"] == t]
+        common = set.intersection(*({r["lr"] for r in runs if r["seed"] == s} for s in (0, 1)))
+        vals = [frontier_value(path_for(base, {r["lr"]: (bg - r["general"], r["task_score"])
+                                               for r in runs if r["seed"] == s and r["lr"] in common}), 1.0)
+                for s in (0, 1)]
+        m, sd = statistics.fmean(vals), statistics.stdev(vals)
+        assert _cell_values(md, "## Task skill at matched forgetting", v)[0] == f"{m:.1f} ± {sd:.1f}"
+    assert (Path(cfg.report).parent / "report_frontier.png").stat().st_size > 1000
+
+    monkeypatch.setattr(worker, "execute", lambda job: (_ for _ in ()).throw(AssertionError(job["run"]["key"])))
+    default = dataclasses.replace(cfg, extended=False, p_sweep=[], report=str(Path(cfg.report).with_name("d.md")))
+    run_report(default, progress=False, command="esft report (test)")
+    dmd = Path(default.report).read_text()
+    assert _cell_values(dmd, "## Task skill at matched forgetting", "ESFT-Token") == \
+        _cell_values(md, "## Task skill at matched forgetting", "ESFT-Token")
+    assert "| ESFT-Gate |" not in dmd and "Without `--extended`" in dmd
 
 
 def test_rerun_reuses_finished_runs(small_report, monkeypatch):

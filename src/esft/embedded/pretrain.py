@@ -36,7 +36,7 @@ from ..tasks import generate_split, task_names
 # "small" is the shipped default. "v2lite" keeps DeepSeek-V2-Lite's ratios (hidden 2048, 27
 # layers, first dense, 64 routed experts of width 1408, top-6, 2 shared, dense width 10944,
 # kv_lora_rank 512) at hidden size 128: more MoE layers and fine-grained experts, so the routed
-# experts hold most of the parameters (93%, like V2-Lite's 92%) and ESFT's trainable share is
+# experts hold most of the parameters (90%; V2-Lite 92%) and ESFT's trainable share is
 # the paper's rather than the small model's.
 SHAPES: dict[str, dict] = {
     "small": {},

@@ -147,7 +147,7 @@ def write_report(state: dict, path) -> None:
     cfg, lr = state["config"], state["lr"]
     tasks = cfg["tasks"]
     res = Results(state["results"], lr)
-    main = [v.name for v in MAIN]
+    main = [v.name for v in MAIN if Results(state["results"], lr).runs(v.name)]  # default mode: no ESFT-Gate
     prof = state["profiles"]
     any_prof = next(iter(prof.values()))
     E, layers = any_prof["num_experts"], any_prof["layers"]
@@ -172,8 +172,8 @@ def write_report(state: dict, path) -> None:
          f"{cfg['steps']} steps x {cfg['batch_size']} packed rows x {cfg['seq_len']} tokens "
          f"({tokens_per_step * cfg['steps'] / 1e3:.0f}k tokens), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
          f"constant LR; validation loss every {cfg['eval_every']} steps on {cfg['n_valid']} held-out examples and "
-         f"the best checkpoint by validation loss is evaluated (greedy decoding). {seeds_txt} per method and task "
-         "(mean ± sample std). Learning rates: "
+         f"the best checkpoint by validation loss is evaluated (greedy decoding). Up to {seeds_txt} per method, task "
+         "and LR (mean ± sample std; which LRs have them is said below). Learning rates: "
          + ", ".join(f"{SWEPT[f]} family {lr[f]:g}" for f in ("esft", "full", "lora"))
          + (" (chosen by validation loss on the LR grid below) for the second view's tables." if state["sweep"]
             else " (fixed; no LR grid in this mode)."), ""]
@@ -184,13 +184,15 @@ def write_report(state: dict, path) -> None:
         L += ["## Second view: each method at the LR with the best validation loss", "",
               "The tables below are the paper's layout: one LR per method, the one whose runs reach the lowest "
               "validation loss on the task data (seed 0, grid below). Validation loss does not see forgetting, so "
-              "these LRs can sit where a method forgets far more than the others; read them beside the headline.",
-              ""]
+              "these LRs can sit where a method forgets far more than the others; read them beside the headline."
+              + ("" if cfg.get("extended") else " Without `--extended` a method has its other seeds at that LR only "
+                 "where the LR is also on its frontier (else seed 0 alone, shown without ±), and ESFT-Gate and the "
+                 "ablations are not run."), ""]
     L += ["### Where ESFT wins, ties and loses", "",
           "Per task, a method *wins* when its mean beats the other's by more than max(1 point, "
           "sqrt(std_a² + std_b²)), *loses* in the opposite case, and *ties* otherwise. Time, storage and "
           "optimizer state are ratios of means (ESFT / baseline).", ""]
-    L += verdicts(res, tasks, ["ESFT-Token", "ESFT-Gate"], ["FFT", "LoRA"])
+    L += verdicts(res, tasks, [v for v in ("ESFT-Token", "ESFT-Gate") if v in main], ["FFT", "LoRA"])
     L += ["", "### Downstream task scores (paper Table 1)", ""]
     L += score_table(res, main, tasks, "task_score", state["base"], sum(state["base"].values()) / len(tasks))
     L += ["", "### General ability after training on each task (paper Table 2)", "",

@@ -212,8 +212,11 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
             for t in cfg.tasks:  # the LRs that make seed 0's frontier: they get the other seeds
                 support[(fam, t)] = frontier_lrs(sweep_results, SWEPT[fam], t, prep["base"][t], prep["base_general"],
                                                  cfg.budgets)
-    runs = report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep) + frontier_seed_runs(support, cfg.seeds)
-    results = runner.execute(runs, "seeds at the frontier and the chosen LRs" if cfg.sweep else "runs")
+    runs = frontier_seed_runs(support, cfg.seeds)
+    if cfg.extended or cfg.ablations or cfg.p_sweep or not cfg.sweep:  # the paper's layout at the validation-loss LRs, every variant, every seed
+        runs += report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep)
+    results = runner.execute(runs, "seeds at the frontier" + (" and the chosen LRs" if cfg.extended else "")
+                             if cfg.sweep else "runs")
     keys = {r["key"] for r in results}
     results += [r for r in sweep_results if r["key"] not in keys]
     state = {
