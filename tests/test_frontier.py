@@ -6,7 +6,7 @@ import random
 import pytest
 
 from esft.report.config import ReportConfig
-from esft.report.frontier import frontier_support, frontier_value, matched, path_for
+from esft.report.frontier import frontier_support, frontier_value, matched, with_base
 
 
 def brute_force(points, budget, n=4000):
@@ -88,8 +88,8 @@ def test_matched_uses_the_lrs_every_seed_ran():
     ]
     m = matched(results, "M", "t", base_task, base_general, [1.0, 2.0, 5.0])
     assert m["lrs"] == [1e-3, 2e-3]
-    seed0 = path_for(base_task, {1e-3: (0.5, 30.0), 2e-3: (3.0, 50.0)})
-    seed1 = path_for(base_task, {1e-3: (1.0, 34.0), 2e-3: (2.0, 44.0)})
+    seed0 = with_base(base_task, {1e-3: (0.5, 30.0), 2e-3: (3.0, 50.0)})
+    seed1 = with_base(base_task, {1e-3: (1.0, 34.0), 2e-3: (2.0, 44.0)})
     assert m["seeds"][0] == [frontier_value(seed0, b) for b in (1.0, 2.0, 5.0)]
     assert m["seeds"][1] == [frontier_value(seed1, b) for b in (1.0, 2.0, 5.0)] == [34.0, 44.0, 44.0]
     assert m["seeds"][0][0] == pytest.approx(34.0)

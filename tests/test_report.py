@@ -121,7 +121,7 @@ def test_report_leads_with_matched_forgetting(small_report, monkeypatch):
     import dataclasses
 
     import esft.report.worker as worker
-    from esft.report.frontier import frontier_value, path_for
+    from esft.report.frontier import frontier_value, with_base
     from esft.report.run import run_report
 
     cfg, state, md = small_report
@@ -130,7 +130,7 @@ def test_report_leads_with_matched_forgetting(small_report, monkeypatch):
     for v in ("FFT", "LoRA", "ESFT-Token"):
         runs = [r for r in state["results"] if r["variant"] == v and r["task"] == t]
         common = set.intersection(*({r["lr"] for r in runs if r["seed"] == s} for s in (0, 1)))
-        vals = [frontier_value(path_for(base, {r["lr"]: (bg - r["general"], r["task_score"])
+        vals = [frontier_value(with_base(base, {r["lr"]: (bg - r["general"], r["task_score"])
                                                for r in runs if r["seed"] == s and r["lr"] in common}), 1.0)
                 for s in (0, 1)]
         m, sd = statistics.fmean(vals), statistics.stdev(vals)

@@ -73,7 +73,7 @@ def frontier_support(points: list[Point], budgets: list[float]) -> set[int]:
     return used
 
 
-def path_for(base_task: float, points: dict[float, Point]) -> list[Point]:
+def with_base(base_task: float, points: dict[float, Point]) -> list[Point]:
     """The base model's point (LR 0, no forgetting) first, then ``{lr: (forgetting, score)}`` by LR."""
     return [(0.0, base_task)] + [points[lr] for lr in sorted(points)]
 
@@ -82,9 +82,9 @@ def matched(results: list[dict], variant: str, task: str, base_task: float, base
             budgets: list[float], lrs: list[float] | None = None) -> dict:
     """Frontier values of ``variant`` on ``task`` at each budget, per seed.
 
-    ``results``: the report's result dicts. Each seed's path uses that seed's runs at ``lrs``
+    ``results``: the report's result dicts. Each seed's front uses that seed's runs at ``lrs``
     (default: the LRs every seed ran; so a seed missing at some LR does not bend only its own
-    path). Returns {"lrs": [...], "seeds": {seed: [value per budget]}, "points": {seed: {lr: point}}}.
+    front). Returns {"lrs": [...], "seeds": {seed: [value per budget]}, "points": {seed: {lr: point}}}.
     """
     runs = [r for r in results if r["variant"] == variant and r["task"] == task]
     by_seed: dict[int, dict[float, Point]] = {}
@@ -93,7 +93,7 @@ def matched(results: list[dict], variant: str, task: str, base_task: float, base
     if lrs is None:
         common = set.intersection(*(set(p) for p in by_seed.values())) if by_seed else set()
         lrs = sorted(common)
-    seeds = {s: [frontier_value(path_for(base_task, {lr: p[lr] for lr in lrs}), b) for b in budgets]
+    seeds = {s: [frontier_value(with_base(base_task, {lr: p[lr] for lr in lrs}), b) for b in budgets]
              for s, p in sorted(by_seed.items()) if all(lr in p for lr in lrs)}
     return {"lrs": sorted(lrs), "seeds": seeds,
             "points": {s: {lr: p[lr] for lr in sorted(p)} for s, p in sorted(by_seed.items())}}

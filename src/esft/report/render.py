@@ -337,7 +337,7 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
     """The headline: task score at matched forgetting (tables + the frontier figure)."""
     import numpy as np
 
-    from .frontier import frontier_value, path_for
+    from .frontier import frontier_value, with_base
     from .plots import frontiers
 
     budgets = state["config"]["budgets"]
@@ -397,7 +397,7 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             for s in m["tasks"][t]["values"]:
                 pts = {r["lr"]: (state["base_general"] - r["general"], r["task_score"])
                        for r in runs_v if r["seed"] == s and r["lr"] in lrs}
-                curves.append([frontier_value(path_for(state["base"][t], pts), b) for b in grid])
+                curves.append([frontier_value(with_base(state["base"][t], pts), b) for b in grid])
             if not curves:  # no seed ran every LR of this task (a partial state): nothing to draw
                 continue
             arr = np.asarray(curves)

@@ -182,12 +182,12 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
 def frontier_lrs(results: list[dict], variant: str, task: str, base_task: float, base_general: float,
                  budgets: list[float]) -> list[float]:
     """The LRs of ``variant``'s seed-0 grid on ``task`` that its frontier values at ``budgets`` use."""
-    from .frontier import frontier_support, path_for
+    from .frontier import frontier_support, with_base
 
     points = {r["lr"]: (base_general - r["general"], r["task_score"])
               for r in results if r["variant"] == variant and r["task"] == task and r["seed"] == 0}
     lrs = sorted(points)
-    used = frontier_support(path_for(base_task, points), budgets)
+    used = frontier_support(with_base(base_task, points), budgets)
     return [lrs[i - 1] for i in sorted(used) if i > 0]  # index 0 is the base model
 
 
