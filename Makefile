@@ -6,6 +6,7 @@
 #   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
 #   make report-extended  the same + ablations and the p sweep (reuses the report's runs)
 #   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
+#   make report-v2lite    the matched-forgetting comparison on v2lite -> docs/report_v2lite.md
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
@@ -56,6 +57,9 @@ report: install
 report-extended: install
 	$(BIN)/esft report --extended
 
+report-v2lite: install
+	$(BIN)/esft report model=v2lite report=docs/report_v2lite.md work_dir=runs/report_v2lite
+
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
 
@@ -77,4 +81,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

@@ -92,7 +92,7 @@ def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch)
 
 
 def test_shipped_models_by_name(tmp_path, monkeypatch):
-    from esft.embedded import SHIPPED, resolve_model
+    from esft.embedded import SHIPPED, embedded_model_dir, resolve_model
     from esft.training.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)
@@ -101,8 +101,7 @@ def test_shipped_models_by_name(tmp_path, monkeypatch):
     assert cfg.model == str(MODEL_DIR)
     (tmp_path / "small").mkdir()  # a directory of that name in the working directory wins
     assert resolve_model("small") == tmp_path / "small" or resolve_model("small").resolve() == tmp_path / "small"
-    if not (SHIPPED["v2lite"] / "model.safetensors").exists():  # not built: the error says how to build it
-        with pytest.raises(EmbeddedModelError, match="--shape v2lite"):
-            resolve_model("v2lite")
-    else:
+    with pytest.raises(EmbeddedModelError, match="--shape v2lite"):  # a missing v2lite says how to build it
+        embedded_model_dir(tmp_path / "elsewhere" / "model_v2lite")
+    if (SHIPPED["v2lite"] / "model.safetensors").exists():
         assert resolve_model("v2lite") == SHIPPED["v2lite"]

@@ -19,9 +19,9 @@ from pathlib import Path
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 SHIPPED = {"small": MODEL_DIR, "v2lite": MODEL_DIR.parent / "model_v2lite"}
 REBUILD = "python -m esft.embedded.pretrain --out src/esft/embedded/model   (about 22 minutes on a 2-core CPU)"
-REBUILD_BY_DIR = {
-    MODEL_DIR: REBUILD,
-    SHIPPED["v2lite"]: "python -m esft.embedded.pretrain --shape v2lite --threads 2 --out src/esft/embedded/model_v2lite"
+REBUILD_BY_NAME = {  # keyed by directory name, so a copy of a shipped directory still says how to rebuild it
+    "model": REBUILD,
+    "model_v2lite": "python -m esft.embedded.pretrain --shape v2lite --threads 2 --out src/esft/embedded/model_v2lite"
                        "   (about 2 hours on a 2-core CPU; resumable)",
 }
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -34,7 +34,7 @@ class EmbeddedModelError(RuntimeError):
 def embedded_model_dir(path: str | Path | None = None) -> Path:
     """The shipped checkpoint directory, checked to be complete and readable."""
     d = Path(path) if path else MODEL_DIR
-    rebuild = REBUILD_BY_DIR.get(d, REBUILD)
+    rebuild = REBUILD_BY_NAME.get(d.name, REBUILD)
     missing = [f for f in REQUIRED if not (d / f).is_file()]
     if missing:
         raise EmbeddedModelError(f"the shipped model at {d} is missing {missing}; rebuild it with:\n  {rebuild}")
