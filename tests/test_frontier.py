@@ -104,6 +104,14 @@ def test_report_config_modes():
     assert ReportConfig(tasks=["translate_synth"], quick=True).ablations
     with pytest.raises(ValueError, match="budgets"):
         ReportConfig(tasks=["translate_synth"], budgets=[-1.0])
+    with pytest.raises(ValueError, match="at least one forgetting budget"):
+        ReportConfig(tasks=["translate_synth"], budgets=[])
+    # another model's report and run cache never land on the default model's
+    assert (cfg.report, cfg.work_dir) == ("docs/report.md", "runs/report")
+    v2 = ReportConfig(tasks=["translate_synth"], model="v2lite")
+    assert (v2.report, v2.work_dir) == ("docs/report_v2lite.md", "runs/report_v2lite")
+    own = ReportConfig(tasks=["translate_synth"], model="/ckpt/DeepSeek V2 Lite/", report="r.md")
+    assert (own.report, own.work_dir) == ("r.md", "runs/report_DeepSeek_V2_Lite")
 
 
 def test_failed_evaluations_are_not_on_the_front():

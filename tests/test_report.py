@@ -127,14 +127,21 @@ def test_report_leads_with_matched_forgetting(small_report, monkeypatch):
     cfg, state, md = small_report
     assert md.index("## Task skill at matched forgetting") < md.index("## Second view")
     t, base, bg = "translate_synth", state["base"]["translate_synth"], state["base_general"]
+    fam = {"FFT": "full", "LoRA": "lora", "ESFT-Token": "esft"}
     for v in ("FFT", "LoRA", "ESFT-Token"):
         runs = [r for r in state["results"] if r["variant"] == v and r["task"] == t]
-        common = set.intersection(*({r["lr"] for r in runs if r["seed"] == s} for s in (0, 1)))
-        vals = [frontier_value(with_base(base, {r["lr"]: (bg - r["general"], r["task_score"])
-                                               for r in runs if r["seed"] == s and r["lr"] in common}), 1.0)
-                for s in (0, 1)]
+
+        def value(seed, lrs):
+            return frontier_value(with_base(base, {r["lr"]: (bg - r["general"], r["task_score"])
+                                                   for r in runs if r["seed"] == seed and r["lr"] in lrs}), 1.0)
+
+        support = state["frontier_lrs"][f"{fam[v]}/{t}"]
+        # seed 0's front LRs give seed 0 the value of its whole grid
+        assert value(0, support) == pytest.approx(value(0, {r["lr"] for r in runs}))
+        vals = [value(s, support) for s in (0, 1)]
         m, sd = statistics.fmean(vals), statistics.stdev(vals)
         assert _cell_values(md, "## Task skill at matched forgetting", v)[0] == f"{m:.1f} ± {sd:.1f}"
+    assert "Without seed 0 (mean of the other seeds" in md
     assert (Path(cfg.report).parent / "report_frontier.png").stat().st_size > 1000
 
     monkeypatch.setattr(worker, "execute", lambda job: (_ for _ in ()).throw(AssertionError(job["run"]["key"])))
@@ -143,7 +150,25 @@ def test_report_leads_with_matched_forgetting(small_report, monkeypatch):
     dmd = Path(default.report).read_text()
     assert _cell_values(dmd, "## Task skill at matched forgetting", "ESFT-Token") == \
         _cell_values(md, "## Task skill at matched forgetting", "ESFT-Token")
-    assert "| ESFT-Gate |" not in dmd and "Without `--extended`" in dmd
+    assert "| ESFT-Gate |" not in dmd and "These tables use seed 0 only" in dmd
+    fft0 = next(r for r in state["results"] if r["variant"] == "FFT" and r["seed"] == 0 and r["lr"] == state["lr"]["full"])
+    assert _cell_values(dmd, "## Downstream task scores", "FFT")[0] == f"{fft0['task_score']:.1f}"  # seed 0, no ±
+
+
+def test_report_with_one_seed_shows_no_spread(small_report, tmp_path):
+    """With one seed the headline shows values, not '± 0.0', and says so."""
+    import copy
+
+    from esft.report.render import write_report
+
+    cfg, state, md = small_report
+    one = copy.deepcopy(state)
+    one["results"] = [r for r in one["results"] if r["seed"] == 0]
+    one["config"]["seeds"] = 1
+    write_report(one, tmp_path / "one.md")
+    head = (tmp_path / "one.md").read_text().split("## Task skill at matched forgetting", 1)[1].split("## Second view")[0]
+    assert "±" not in head.replace("mean ± sample std", "") and "One seed: no spread is shown" in head
+    assert "Gaps in task points: ESFT-Token minus FFT:" in head and "Without seed 0" not in head
 
 
 def test_rerun_reuses_finished_runs(small_report, monkeypatch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _f(default, help_: str, factory=None):
@@ -11,13 +13,16 @@ def _f(default, help_: str, factory=None):
     return field(default=default, metadata={"help": help_})
 
 
+DEFAULT_REPORT, DEFAULT_WORK_DIR = "docs/report.md", "runs/report"
 ADAPTATION_TASKS = ["intent_json", "translate_synth", "word_problems", "verdict_json"]
 
 
 @dataclass
 class ReportConfig:
-    report: str = _f("docs/report.md", "Markdown report to write (PNG plots and results JSON go beside it)")
-    work_dir: str = _f("runs/report", "run directories and the result cache (a rerun reuses finished runs)")
+    report: str = _f(DEFAULT_REPORT, "Markdown report to write (PNG plots and results JSON go beside it); "
+                                     "with another model: docs/report_<model name>.md")
+    work_dir: str = _f(DEFAULT_WORK_DIR, "run directories and the result cache (a rerun reuses finished runs); "
+                                         "with another model: runs/report_<model name>")
     model: str | None = _f(None, "base checkpoint directory, or a shipped model: small (default), v2lite")
     tasks: list[str] = _f(None, "adaptation tasks to compare on", lambda: list(ADAPTATION_TASKS))
     seeds: int = _f(3, "training seeds per method and task (mean +- std over them)")
@@ -53,6 +58,12 @@ class ReportConfig:
     quick: bool = _f(False, "1 seed, 50 steps, no LR grid (so no frontier), ablations on: under 10 minutes on 2 cores")
 
     def __post_init__(self):
+        if self.model not in (None, "small"):  # another model's report and runs never overwrite the default's
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(self.model)).name.lstrip(".")) or "model"
+            if self.report == DEFAULT_REPORT:
+                self.report = f"docs/report_{slug}.md"
+            if self.work_dir == DEFAULT_WORK_DIR:
+                self.work_dir = f"runs/report_{slug}"
         if self.ablations is None:
             self.ablations = self.extended or self.quick
         if self.extended:
@@ -65,6 +76,8 @@ class ReportConfig:
         for t in self.tasks:
             if get_task(t).kind != "adaptation":  # unknown names raise with the list of tasks
                 raise ValueError(f"{t!r} is a general domain, not an adaptation task")
+        if not self.budgets:
+            raise ValueError("budgets must name at least one forgetting budget, e.g. budgets=[1,2,5]")
         if any(not b >= 0 for b in self.budgets):
             raise ValueError(f"budgets are forgetting in points and must be >= 0, got {self.budgets}")
         if self.seeds < 1 or self.steps < 1 or self.workers < 0:

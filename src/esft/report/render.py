@@ -146,8 +146,11 @@ def write_report(state: dict, path) -> None:
     stem = path.with_suffix("")
     cfg, lr = state["config"], state["lr"]
     tasks = cfg["tasks"]
-    res = Results(state["results"], lr)
-    main = [v.name for v in MAIN if Results(state["results"], lr).runs(v.name)]  # default mode: no ESFT-Gate
+    # every seed trains at the validation-loss LRs only when the paper's layout was run (run.py); otherwise the
+    # other seeds exist only where that LR is on a frontier, and mixing them in would average unlike things
+    all_seeds = not state["sweep"] or bool(cfg.get("extended") or cfg.get("ablations") or cfg.get("p_sweep"))
+    res = Results([r for r in state["results"] if all_seeds or r["seed"] == 0], lr)
+    main = [v.name for v in MAIN if res.runs(v.name)]  # default mode: no ESFT-Gate
     prof = state["profiles"]
     any_prof = next(iter(prof.values()))
     E, layers = any_prof["num_experts"], any_prof["layers"]
@@ -167,13 +170,14 @@ def write_report(state: dict, path) -> None:
          f"**Setup.** Model: {model_name}, a DeepSeek-V2-style MoE "
          f"({len(layers)} MoE layers x {E} routed experts, top-{any_prof['top_k']}). Tasks: {', '.join(tasks)} "
          f"(the suite's adaptation tasks; scored on {cfg['n_eval']} held-out examples with each task's local "
-         f"metric). General ability: mean score over the six general domains ({cfg['n_general']} examples each), "
+         f"metric). General ability: mean score over the {len(state['base_per_domain'])} general domains ({cfg['n_general']} examples each), "
          "which no run trains on. Every method gets the same data and budget: "
          f"{cfg['steps']} steps x {cfg['batch_size']} packed rows x {cfg['seq_len']} tokens "
          f"({tokens_per_step * cfg['steps'] / 1e3:.0f}k tokens), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
          f"constant LR; validation loss every {cfg['eval_every']} steps on {cfg['n_valid']} held-out examples and "
          f"the best checkpoint by validation loss is evaluated (greedy decoding). Up to {seeds_txt} per method, task "
-         "and LR (mean ± sample std; which LRs have them is said below). Learning rates: "
+         "and LR" + (" (mean ± sample std" + ("; which LRs have them is said below" if state["sweep"] else "") + ")"
+                     if cfg["seeds"] > 1 else "") + ". Learning rates: "
          + ", ".join(f"{SWEPT[f]} family {lr[f]:g}" for f in ("esft", "full", "lora"))
          + (" (chosen by validation loss on the LR grid below) for the second view's tables." if state["sweep"]
             else " (fixed; no LR grid in this mode)."), ""]
@@ -185,9 +189,8 @@ def write_report(state: dict, path) -> None:
               "The tables below are the paper's layout: one LR per method, the one whose runs reach the lowest "
               "validation loss on the task data (seed 0, grid below). Validation loss does not see forgetting, so "
               "these LRs can sit where a method forgets far more than the others; read them beside the headline."
-              + ("" if cfg.get("extended") else " Without `--extended` a method has its other seeds at that LR only "
-                 "where the LR is also on its frontier (else seed 0 alone, shown without ±), and ESFT-Gate and the "
-                 "ablations are not run."), ""]
+              + ("" if all_seeds else " These tables use seed 0 only: without `--extended` the other seeds train "
+                 "only at the LRs on a method's frontier, and ESFT-Gate and the ablations are not run."), ""]
     L += ["### Where ESFT wins, ties and loses", "",
           "Per task, a method *wins* when its mean beats the other's by more than max(1 point, "
           "sqrt(std_a² + std_b²)), *loses* in the opposite case, and *ties* otherwise. Time, storage and "
@@ -209,13 +212,16 @@ def write_report(state: dict, path) -> None:
     tradeoff(points, state["base_general"], f"{stem}_tradeoff.png")
     L += ["", f"![task skill vs general ability]({stem.name}_tradeoff.png)", ""]
 
-    peak_kind = next((r.get("peak_memory_kind") for r in state["results"]), "peak memory")
+    peak_kind = next((r["peak_memory_kind"] for r in state["results"] if r.get("peak_memory_kind")), "peak memory")
+    threads = sorted({r["threads"] for r in state["results"] if r.get("threads")})
+    threads_txt = "/".join(map(str, threads)) if threads else "?"
+    workers = cfg["workers"] or 1
     L += ["## Efficiency (paper Figure 5)", "",
           f"Means over tasks and seeds. Optimizer state: AdamW's tensors; peak memory: {peak_kind} of the run's own "
           "process during training (the Python and torch runtime included, so differences matter more than "
           "totals); stored weights: what a user keeps per task (ESFT: the expert adapter; LoRA: the PEFT adapter; "
-          "FFT: the whole fine-tuned checkpoint), fp32 files. Training time is wall-clock on one thread "
-          "with another run beside it, the same for every method.", ""]
+          "FFT: the whole fine-tuned checkpoint), fp32 files. Training time is wall-clock with "
+          f"{threads_txt} thread(s) per run and {workers} run(s) at a time, the same for every method.", ""]
     L += table(["method", "trainable params", "experts trained", "optimizer state (MiB)", "training time (s)",
                 "peak memory (MiB)", "stored weights (MiB)"], efficiency_rows(res, main, total_experts))
 
@@ -277,7 +283,7 @@ def write_report(state: dict, path) -> None:
         L += table(["method", "lr", "relative loss"] + [f"valid loss {t}" for t in tasks] + ["task avg", "general avg"],
                    rows)
         edge = [f"{SWEPT[f]} ({info['chosen']:g})" for f, info in state["sweep"].items()
-                if info["chosen"] in (min(map(float, info["relative_loss"])), max(map(float, info["relative_loss"])))]
+                if len(info["relative_loss"]) > 1 and info["chosen"] in (min(map(float, info["relative_loss"])), max(map(float, info["relative_loss"])))]
         if edge:
             L += ["", f"Chosen at the edge of its grid: {', '.join(edge)}; a wider sweep could move it further."]
 
@@ -317,7 +323,11 @@ def matched_forgetting(state: dict, tasks: list[str]) -> dict:
     out = {}
     for fam in ("full", "lora", "esft"):
         v = SWEPT[fam]
-        per_task = {t: matched(state["results"], v, t, state["base"][t], state["base_general"], budgets)
+        # over the LRs of seed 0's front only: the values then do not depend on which other runs exist
+        # (--extended adds seeds at the validation-loss LR), and seed 0's are those of its whole grid
+        support = state.get("frontier_lrs", {})
+        per_task = {t: matched(state["results"], v, t, state["base"][t], state["base_general"], budgets,
+                               lrs=support.get(f"{fam}/{t}"))
                     for t in tasks}
         if not any(m["seeds"] for m in per_task.values()):
             continue
@@ -354,10 +364,12 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
          "a point (forgetting, task score), the base model is the point (0, its task score), and a method's value "
          "at a budget is the height there of the Pareto front of its points joined by straight lines: the best "
          "score among runs forgetting at most the budget, raised linearly towards the next front point (an LR "
-         "in between). It is computed per seed over the LRs every seed ran, then averaged (mean ± sample std over "
-         "seeds); the average column averages the tasks per seed. Seed 0 also chose which LRs to repeat, so its "
-         "values are the most favourable of the seeds; every method has the same number of LRs, so this "
-         "favours none of them.", ""]
+         "in between). It is computed per seed over the LRs on seed 0's front (the other seeds ran at least these)"
+         + (", then averaged (mean ± sample std over seeds); the average column averages the tasks per seed. Seed 0 "
+            "chose which LRs to repeat, so its values are biased upwards (its own noise helped pick them); the "
+            "values of the other seeds alone, which are not, are given below the table." if seeds > 1 else
+            "; the average column averages the tasks. One seed: no spread is shown, and a difference of a few "
+            "points can be seed noise.") , ""]
     rows = [["Base model (no training)"] + [f"{statistics.fmean(state['base'][t] for t in tasks):.1f}"] * len(budgets)]
     for v, m in mf.items():
         rows.append([v] + [fmt_ms(_col(m["average"], i)) for i in range(len(budgets))])
@@ -370,9 +382,20 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             for i, b in enumerate(budgets):
                 e, o = _col(mf["ESFT-Token"]["average"], i), _col(mf[other]["average"], i)
                 (me, se), (mo, so) = mean_std(e), mean_std(o)
-                parts.append(f"{me - mo:+.1f} ± {math.sqrt(se ** 2 + so ** 2):.1f} at ≤ {b:g}")
+                spread = f" ± {math.sqrt(se ** 2 + so ** 2):.1f}" if min(len(e), len(o)) > 1 else ""
+                parts.append(f"{me - mo:+.1f}{spread} at ≤ {b:g}")
             gaps.append(f"ESFT-Token minus {other}: " + ", ".join(parts))
-        L += ["", "Gaps in task points (± combined seed std): " + "; ".join(gaps) + "."]
+        L += ["", "Gaps in task points" + (" (± combined seed std)" if seeds > 1 else "") + ": "
+              + "; ".join(gaps) + "."]
+    if seeds > 1:  # the seeds that did not choose the LRs: an unbiased check of the table
+        later = []
+        for v, m in mf.items():
+            rest = {s: vals for s, vals in m["average"].items() if int(s) != 0}
+            if rest:
+                later.append(f"{v} " + " / ".join(f"{statistics.fmean(_col(rest, i)):.1f}" for i in range(len(budgets))))
+        if later:
+            L += ["", "Without seed 0 (mean of the other seeds, at ≤ " + " / ".join(f"{b:g}" for b in budgets)
+                  + "): " + "; ".join(later) + "."]
     L += ["", "Per task:", ""]
     rows = []
     for i, b in enumerate(budgets):
@@ -380,8 +403,8 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             rows.append([f"{v}, ≤ {b:g}"] + [fmt_ms(_col(m["tasks"][t]["values"], i)) for t in tasks])
     L += table(["method, forgetting budget"] + tasks, rows)
     lr_rows = [[v] + [", ".join(f"{x:g}" for x in m["tasks"][t]["lrs"]) for t in tasks] for v, m in mf.items()]
-    L += ["", "LRs the values are computed over (with more than one seed: those on seed 0's front around a budget, "
-          "and the second view's LR):", ""]
+    L += ["", "LRs the values are computed over (those on seed 0's front around a budget; the other seeds ran "
+          "exactly these):", ""]
     L += table(["method"] + tasks, lr_rows)
 
     panels = {}
