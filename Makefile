@@ -58,7 +58,7 @@ report-extended: install
 	$(BIN)/esft report --extended
 
 report-v2lite: install
-	$(BIN)/esft report model=v2lite report=docs/report_v2lite.md work_dir=runs/report_v2lite
+	$(BIN)/esft report model=v2lite
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work

@@ -105,3 +105,32 @@ def test_shipped_models_by_name(tmp_path, monkeypatch):
         embedded_model_dir(tmp_path / "elsewhere" / "model_v2lite")
     if (SHIPPED["v2lite"] / "model.safetensors").exists():
         assert resolve_model("v2lite") == SHIPPED["v2lite"]
+
+
+def test_v2lite_has_deepseek_v2_lite_proportions_and_was_trained():
+    """The second shipped model: V2-Lite's shape ratios, and a language model, not random weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esft.data.conversations import prompt_text
+    from esft.embedded import SHIPPED
+    from esft.embedded.pretrain import SHAPES
+    from esft.tasks import generate_split, task_names
+
+    d = embedded_model_dir(SHIPPED["v2lite"])  # raises (with the rebuild command) if it is missing or damaged
+    model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    cfg = model.config
+    for k, v in SHAPES["v2lite"].items():
+        assert getattr(cfg, k) == v, k
+    assert cfg.first_k_dense_replace == 1 and cfg.num_hidden_layers - 1 >= 8
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert routed / sum(p.numel() for p in model.parameters()) > 0.85  # V2-Lite: 92%
+    assert sum(f.stat().st_size for f in d.iterdir()) < 45 * 2**20  # bf16 weights
+    # next-token loss on held-out general-domain text: uniform guessing over the vocabulary is ln(2048) = 7.6
+    texts = [prompt_text(p) + " " + a for name in task_names("general") for p, a in generate_split(name, "eval", 2, 0)]
+    losses = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt").input_ids
+            losses.append(model(ids, labels=ids).loss.item())
+    assert sum(losses) / len(losses) < 2.5, losses

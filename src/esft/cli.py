@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "  esft report                 # the default report (see the README for its time)\n"
                         "  esft report --extended      # + ablations and the p sweep (reuses the default's runs)\n"
                         "  esft report --quick         # 1 seed, 50 steps, no LR grid (< 10 min)\n"
-                        "  esft report model=v2lite report=docs/report_v2lite.md "
-                        "work_dir=runs/report_v2lite\n"
+                        "  esft report model=v2lite    # the second shipped model -> docs/report_v2lite.md, "
+                        "runs/report_v2lite\n"
                         "  esft report seeds=5 tasks=[translate_synth]\n\nconfig keys:\n" + field_help(ReportConfig))
     sp.add_argument("--config", help="YAML file of ReportConfig keys (see below)")
     sp.add_argument("--quick", action="store_true", help="same as quick=true")
