@@ -209,3 +209,29 @@ def test_cache_key_follows_file_contents_and_the_base_model(tmp_path):
     assert Runner(cfg, "m", data, {}, False, {"weights": "w2"}).job(run)["job_id"] != a  # other base weights
     train.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')  # same path, new data
     assert Runner(cfg, "m", data, {}, False, {"weights": "w1"}).job(run)["job_id"] != a
+
+
+def test_device_and_dtype_reach_every_run_and_the_cache_key(tmp_path):
+    from esft.report.render import run_devices
+    from esft.report.run import Runner
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"messages": []}\n')
+    data = {"translate_synth": {"train": train, "valid": train}}
+    run = Run("translate_synth", "FFT", 1e-3, 0)
+
+    def job(**kw):
+        cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0, **kw)
+        return Runner(cfg, "m", data, {}, False, {"weights": "w"}).job(run)
+
+    default, gpu = job(), job(device="cuda", dtype="float32")
+    # the defaults are the strings earlier reports hashed: their cached runs stay valid
+    assert (default["train"]["device"], default["train"]["dtype"]) == ("auto", "auto")
+    assert (gpu["train"]["device"], gpu["train"]["dtype"]) == ("cuda", "float32")
+    assert gpu["job_id"] != default["job_id"]  # a GPU result is never taken for a CPU one
+
+    state = {"config": {"dtype": "float32"}, "cpu_count": 16,
+             "results": [{"device": "cuda", "device_name": "NVIDIA H100"}, {"device": "cuda", "device_name": "NVIDIA H100"}]}
+    assert run_devices(state) == "GPU NVIDIA H100, float32; 16 CPU cores"
+    state = {"config": {"dtype": "auto"}, "cpu_count": 2, "results": [{"threads": 1}]}  # results from before 'device'
+    assert run_devices(state) == "2 CPU cores"

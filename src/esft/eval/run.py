@@ -145,13 +145,13 @@ def eval_format(cfg: EvalConfig) -> PromptFormat:
     return choose_format(cfg.template, merged_format(cfg.model), f"merged checkpoint {cfg.model}")
 
 
-def load_for_eval(model_dir: str, adapter: str | None, device_map=None):
+def load_for_eval(model_dir: str, adapter: str | None, device_map=None, dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer, kind) for a checkpoint, optionally with an ESFT or PEFT adapter on top."""
     from ..adapter.io import attach_adapter
     from ..embedded import embedded_model_dir
     from ..models.loading import load_model
 
-    model, tok = load_model(model_dir or embedded_model_dir(), dtype="auto", device="auto", device_map=device_map)
+    model, tok = load_model(model_dir or embedded_model_dir(), dtype=dtype, device=device, device_map=device_map)
     kind = "base"
     if adapter:
         a = Path(adapter)

@@ -54,6 +54,10 @@ class ReportConfig:
                               list)
     ablations: bool | None = _f(None, "run the ablations: random experts, + shared experts, + non-expert modules "
                                        "(default: on with --extended or --quick, off otherwise)")
+    device: str = _f("auto", "where every run trains and is evaluated: auto (a GPU if there is one), cpu, cuda, cuda:N. "
+                             "Several workers share one GPU")
+    dtype: str = _f("auto", "training dtype of every run: auto (bf16 on a GPU, fp32 on CPU), float32, bfloat16. "
+                            "float32 on a GPU follows the CPU recipe, so its numbers compare with a CPU report's")
     workers: int = _f(2, "runs in parallel, each in a fresh process (peak memory per run); 0 = in this process")
     quick: bool = _f(False, "1 seed, 50 steps, no LR grid (so no frontier), ablations on: under 10 minutes on 2 cores")
 

@@ -53,7 +53,7 @@ class Runner:
             valid_data=str(self.data[run.task]["valid"]), output_dir=str(self.work / "runs" / run.key),
             method=v.method, expert_config=self.selections.get((run.task, run.variant, run.seed)),
             seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=run.lr, eval_every=cfg.eval_every,
-            save_every=0, keep_checkpoints=1, log_every=10, dtype="auto", device="auto", seed=run.seed,
+            save_every=0, keep_checkpoints=1, log_every=10, dtype=cfg.dtype, device=cfg.device, seed=run.seed,
             overwrite=True, tensorboard=False,
         )
         # what the result depends on beyond the settings: the files' contents and the base weights
@@ -142,7 +142,7 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
     work = Path(cfg.work_dir)
     model_dir = str(resolve_model(cfg.model))
     data = write_suite(work / "data", cfg.n_train, cfg.n_valid, 1, seed=0, tasks=cfg.tasks)
-    model, tok = load_model(model_dir, dtype="auto", device="auto")
+    model, tok = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     base = {t: evaluate_task(model, tok, t, cfg.n_eval, 0).score for t in cfg.tasks}
     base_general, base_per_domain = general_ability(model, tok, cfg.n_general, 0)
     profiles, selections, selected = {}, {}, {"token": {}, "gate": {}}

@@ -8,6 +8,7 @@ faster than one run on two threads for a model this small.
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import shutil
 import sys
@@ -61,9 +62,9 @@ def execute(job: dict) -> dict:
 
     t0 = time.perf_counter()
     if cfg.method == "full":
-        model, tok, _ = load_for_eval(str(best), None)
+        model, tok, _ = load_for_eval(str(best), None, dtype=cfg.dtype, device=cfg.device)
     else:
-        model, tok, _ = load_for_eval(cfg.model, str(best))
+        model, tok, _ = load_for_eval(cfg.model, str(best), dtype=cfg.dtype, device=cfg.device)
     ev = job["eval"]
     task = evaluate_task(model, tok, job["run"]["task"], ev["n_eval"], ev["data_seed"])
     general, per_domain = general_ability(model, tok, ev["n_general"], ev["data_seed"])
@@ -80,7 +81,8 @@ def execute(job: dict) -> dict:
         "trainable_params": res.trainable_params, "optimizer_state_bytes": res.optimizer_state_bytes,
         "train_seconds": res.seconds, "eval_seconds": eval_s, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
         "artifact_bytes": artifact, "artifact": best.name, "experts_trained": experts,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "examples": [{"prompt": p, "reference": r, "prediction": y}
                      for p, r, y in list(zip(task.prompts, task.references, task.predictions))[:5]],
     }
