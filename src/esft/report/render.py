@@ -314,8 +314,8 @@ def write_report(state: dict, path) -> None:
 
 
 def run_devices(state: dict) -> str:
-    """Where the runs trained, in words: "2 CPU cores" or "GPU NVIDIA H100 80GB HBM3, float32 (16 CPU cores)".
-    Results from before runs recorded their device count as CPU runs."""
+    """Where the runs trained, in words: "2 CPU cores" or "GPU NVIDIA H100 80GB HBM3, float32; 16 CPU cores".
+    Results written before runs recorded their device count as CPU runs."""
     cfg = state["config"]
     gpus = sorted({r["device_name"] for r in state["results"] if str(r.get("device", "")).startswith("cuda")})
     dtype = cfg.get("dtype", "auto")
