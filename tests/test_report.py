@@ -235,3 +235,33 @@ def test_device_and_dtype_reach_every_run_and_the_cache_key(tmp_path):
     assert run_devices(state) == "GPU NVIDIA H100, float32; 16 CPU cores"
     state = {"config": {"dtype": "auto"}, "cpu_count": 2, "results": [{"threads": 1}]}  # results from before 'device'
     assert run_devices(state) == "2 CPU cores"
+
+
+def test_a_fresh_clone_resumes_from_the_ledger(small_report, monkeypatch, tmp_path):
+    """The ledger beside the report holds every finished run; with an empty work_dir (a fresh
+    clone: runs/ is not committed) and the model at another path, nothing is retrained."""
+    import dataclasses
+
+    import esft.report.worker as worker
+    from esft.report.run import Runner, ledger_path, read_ledger, run_report
+
+    cfg, state, md = small_report
+    ledger = read_ledger(ledger_path(cfg.report))
+    assert {r["key"] for r in ledger.values()} == {r["key"] for r in state["results"]}
+    monkeypatch.setattr(worker, "execute", lambda job: (_ for _ in ()).throw(AssertionError(job["run"]["key"])))
+    moved = dataclasses.replace(cfg, work_dir=str(tmp_path / "fresh_work"))
+    again = run_report(moved, progress=False, command="esft report (test)")
+    assert again["runs_trained"] == 0
+    assert {r["key"]: r["general"] for r in again["results"]} == {r["key"]: r["general"] for r in state["results"]}
+
+    run = Run("translate_synth", "FFT", 1e-4, 0)
+    data = {"translate_synth": {"train": tmp_path / "fresh_work" / "data" / "translate_synth" / "train.jsonl"}}
+    data["translate_synth"]["valid"] = data["translate_synth"]["train"]
+    here, there = (Runner(moved, m, data, {}, False, {"weights": "w"}).job(run)["job_id"] for m in ("/a/model", "/b/model"))
+    assert here == there  # the weights' fingerprint stands for the model, not its path
+
+    damaged = dataclasses.replace(moved, report=str(tmp_path / "d" / "report.md"))
+    ledger_path(damaged.report).parent.mkdir()
+    ledger_path(damaged.report).write_text('{"x": ')  # a damaged ledger is named, never silently dropped
+    with pytest.raises(ValueError, match=r"report\.runs\.json is damaged"):
+        Runner(damaged, "m", data, {}, False, {"weights": "w"})

@@ -4,7 +4,10 @@
 
 Every run is trained and evaluated by :func:`worker.execute` in its own process; the result
 files under ``work_dir/runs/<key>/result.json`` are the only source of the report's numbers,
-and a rerun reuses every result whose settings match (an interrupted report resumes).
+and a rerun reuses every result whose settings match (an interrupted report resumes). Every
+finished result is also kept in the *ledger* beside the report (``docs/report.runs.json``):
+it is small enough to commit, so a report that takes longer than one sitting resumes from a
+fresh clone, where ``work_dir`` (scratch, not committed) is empty.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Runner:
         self.work = Path(cfg.work_dir)
         self.trained: set[str] = set()  # keys of the runs trained by this invocation
         self.reused: set[str] = set()  # keys of the runs taken from the cache
+        self.ledger = ledger_path(cfg.report)
+        self.finished = read_ledger(self.ledger)  # job_id -> result, from earlier invocations anywhere
 
     def job(self, run: Run) -> dict:
         v = variant_by_name(run.variant, self.cfg.p_sweep)
@@ -76,10 +81,19 @@ class Runner:
 
     def cached(self, job: dict) -> dict | None:
         path = Path(job["train"]["output_dir"]) / "result.json"
-        if not path.exists():
-            return None
-        r = json.loads(path.read_text())
-        return r if r.get("job_id") == job["job_id"] else None
+        if path.exists():
+            r = json.loads(path.read_text())
+            if r.get("job_id") == job["job_id"]:
+                return r
+        return self.finished.get(job["job_id"])
+
+    def record(self, result: dict) -> None:
+        """Keep ``result`` in the ledger (rewritten atomically: a crash leaves the old or the new one)."""
+        from ..io import write_json_atomic
+
+        if self.finished.get(result["job_id"]) != result:
+            self.finished[result["job_id"]] = result
+            write_json_atomic(self.ledger, dict(sorted(self.finished.items(), key=lambda kv: kv[1]["key"])))
 
     def execute(self, runs: list[Run], stage: str) -> list[dict]:
         from tqdm.auto import tqdm
@@ -89,6 +103,8 @@ class Runner:
         for j in jobs:
             c = self.cached(j)
             (results.append(c) if c else todo.append(j))
+        for r in results:
+            self.record(r)
         todo.sort(key=lambda j: -COST[j["train"]["method"]] - (1 if j["run"]["variant"].endswith("non-expert") else 0))
         log.info("%s: %d runs, %d cached, %d to train", stage, len(jobs), len(results), len(todo))
         self.trained |= {j["run"]["key"] for j in todo}
@@ -104,6 +120,7 @@ class Runner:
                     continue
                 bar.set_postfix_str(f"{r['key']}: score {r['task_score']:.1f}, general {r['general']:.1f}")
                 results.append(r)
+                self.record(r)
         finally:
             bar.close()
         if errors:
@@ -123,9 +140,34 @@ class Runner:
 
 
 def _job_id(job: dict) -> str:
+    """The cache key: a hash of everything the result depends on. Files enter through their
+    contents (``job["inputs"]``: the base weights' fingerprint, the data's and selection's
+    hashes), never their paths, so a result stays valid when the checkout or ``work_dir``
+    moves (a fresh clone resumes from the committed ledger). Without a fingerprint of the base
+    weights its path stands for them."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    paths = ("train_data", "valid_data", "expert_config", "output_dir") + (("model",) if job["inputs"]["model"] else ())
+    keyed = {**job, "train": {k: v for k, v in job["train"].items() if k not in paths}}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ledger_path(report: str | Path) -> Path:
+    """Where the finished runs of the report at ``report`` are kept: ``docs/report.md`` -> ``docs/report.runs.json``."""
+    return Path(report).with_suffix(".runs.json")
+
+
+def read_ledger(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not all(isinstance(r, dict) and r.get("job_id") == k for k, r in data.items()):
+            raise ValueError("expected an object of job_id -> result with that job_id")
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"the report's ledger of finished runs {path} is damaged ({e}); fix it, or move it away "
+                         f"to retrain the runs it held") from None
+    return data
 
 
 def prepare(cfg: ReportConfig, progress: bool) -> dict:
