@@ -19,8 +19,9 @@ ADAPTATION_TASKS = ["intent_json", "translate_synth", "word_problems", "verdict_
 
 @dataclass
 class ReportConfig:
-    report: str = _f(DEFAULT_REPORT, "Markdown report to write (PNG plots and results JSON go beside it); "
-                                     "with another model: docs/report_<model name>.md")
+    report: str = _f(DEFAULT_REPORT, "Markdown report to write (PNG plots, results JSON and the ledger of finished "
+                                     "runs, <report>.runs.json, go beside it; commit the ledger and a fresh clone "
+                                     "resumes); with another model: docs/report_<model name>.md")
     work_dir: str = _f(DEFAULT_WORK_DIR, "run directories and the result cache (a rerun reuses finished runs); "
                                          "with another model: runs/report_<model name>")
     model: str | None = _f(None, "base checkpoint directory, or a shipped model: small (default), v2lite")
