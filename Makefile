@@ -57,8 +57,13 @@ report: install
 report-extended: install
 	$(BIN)/esft report --extended
 
+# v2lite's grids reach one LR lower than the defaults: there the defaults' lowest LRs already forget
+# 2-3 general points (FFT, LoRA) or more (ESFT on verdict_json), leaving the <= 1 point budget unsampled
+V2LITE_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1e-4,2e-4,3e-4,5e-4,1e-3]' \
+	'sweep_lora=[1e-4,3e-4,1e-3,2e-3,3e-3,6e-3]'
+
 report-v2lite: install
-	$(BIN)/esft report model=v2lite
+	$(BIN)/esft report model=v2lite seeds=2 $(V2LITE_GRIDS)
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
