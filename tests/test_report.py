@@ -189,7 +189,7 @@ def test_rerun_reuses_finished_runs(small_report, monkeypatch):
 def test_a_failed_run_is_named(tmp_path):
     from esft.report.run import Runner
 
-    cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0)
+    cfg = ReportConfig(work_dir=str(tmp_path), report=str(tmp_path / "r.md"), tasks=["translate_synth"], workers=0)
     data = {"translate_synth": {"train": tmp_path / "missing.jsonl", "valid": tmp_path / "missing.jsonl"}}
     runner = Runner(cfg, "/nonexistent/model", data, {}, progress=False)
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: translate_synth/FFT/lr0.001/seed0"):
@@ -199,7 +199,7 @@ def test_a_failed_run_is_named(tmp_path):
 def test_cache_key_follows_file_contents_and_the_base_model(tmp_path):
     from esft.report.run import Runner
 
-    cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0)
+    cfg = ReportConfig(work_dir=str(tmp_path), report=str(tmp_path / "r.md"), tasks=["translate_synth"], workers=0)
     train = tmp_path / "train.jsonl"
     train.write_text('{"messages": []}\n')
     data = {"translate_synth": {"train": train, "valid": train}}
@@ -221,7 +221,7 @@ def test_device_and_dtype_reach_every_run_and_the_cache_key(tmp_path):
     run = Run("translate_synth", "FFT", 1e-3, 0)
 
     def job(**kw):
-        cfg = ReportConfig(work_dir=str(tmp_path), tasks=["translate_synth"], workers=0, **kw)
+        cfg = ReportConfig(work_dir=str(tmp_path), report=str(tmp_path / "r.md"), tasks=["translate_synth"], workers=0, **kw)
         return Runner(cfg, "m", data, {}, False, {"weights": "w"}).job(run)
 
     default, gpu = job(), job(device="cuda", dtype="float32")
