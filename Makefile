@@ -63,7 +63,7 @@ V2LITE_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1
 	'sweep_lora=[1e-4,3e-4,1e-3,2e-3,3e-3,6e-3]'
 
 report-v2lite: install
-	$(BIN)/esft report model=v2lite seeds=2 $(V2LITE_GRIDS)
+	$(BIN)/esft report model=v2lite seeds=3 $(V2LITE_GRIDS)
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
