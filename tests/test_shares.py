@@ -49,3 +49,15 @@ def test_non_moe_layer_is_refused():
     model = meta_model(published_config("deepseek-v2-lite"))
     with pytest.raises(ValueError, match=r"layers \[0\] are not MoE layers"):
         esft_trainable(model, {0: 2})
+
+
+def test_wrapping_for_lora_prints_no_deprecation_notice():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`; that notice used to land in every LoRA
+    run's log. The wrap silences only that one."""
+    import warnings
+
+    c = AutoConfig.from_pretrained(embedded_model_dir())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lora_trainable(c, 8)
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

@@ -24,6 +24,7 @@ import random
 import shutil
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def lora_wrap(model: nn.Module, cfg: TrainConfig):
     targets = [f"{fam.moe_attr}.{fam.experts_attr}.gate_up_proj", f"{fam.moe_attr}.{fam.experts_attr}.down_proj"]
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=ATTENTION_PROJ,
                       target_parameters=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing`, which warns once per LoRA run in
+    # every log; the attribute still works in the pinned transformers, so only that notice is silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
 def _split_valid(train: Packed, fraction: float, seed: int) -> tuple[Packed, Packed | None]:
