@@ -50,7 +50,7 @@ class ReportConfig:
                                     "method's task score at this much forgetting (its Pareto front's height)",
                               lambda: [1.0, 2.0, 5.0])
     extended: bool = _f(False, "also run the ablations (random experts, + shared, + non-expert) and the p sweep "
-                               "(about 25 more minutes on 2 cores)")
+                               "(88 more runs with 3 seeds: 65 minutes on a 2-core VM after the default report)")
     p_sweep: list[float] = _f(None, "extra ESFT-Token p values (seed 0 only; [] = skip; --extended: 0.05 0.1 0.3 0.5)",
                               list)
     ablations: bool | None = _f(None, "run the ablations: random experts, + shared experts, + non-expert modules "
