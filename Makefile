@@ -58,7 +58,7 @@ report-extended: install
 	$(BIN)/esft report --extended
 
 # v2lite's grids reach one LR lower than the defaults: there the defaults' lowest LRs already forget
-# 2-3 general points (FFT, LoRA) or more (ESFT on verdict_json), leaving the <= 1 point budget unsampled
+# 1-3 general points (ESFT 2.3 on verdict_json), leaving the <= 1 point budget unsampled
 V2LITE_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1e-4,2e-4,3e-4,5e-4,1e-3]' \
 	'sweep_lora=[1e-4,3e-4,1e-3,2e-3,3e-3,6e-3]'
 
