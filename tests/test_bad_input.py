@@ -7,7 +7,7 @@ import pytest
 from esft.config import ConfigError, build_config
 from esft.data.conversations import load_examples
 from esft.data.packing import pack
-from esft.io import DataError
+from esft.io import DataError, OutputError
 from esft.models.loading import CheckpointError, load_model
 from esft.training.config import TrainConfig
 from esft.training.recipe import train
@@ -85,8 +85,15 @@ def test_existing_output_dir_is_refused_unless_overwrite_or_resume(tiny_dir, tmp
     with pytest.raises(FileExistsError, match="overwrite=true.*resume=true"):
         train(_cfg(tiny_dir, tmp_path), progress=False)
     assert (tmp_path / "o" / "precious.txt").read_text() == "keep me"
+    # overwrite replaces only a directory esft wrote: this one is the user's, so it stays
+    with pytest.raises(OutputError, match="not written by esft"):
+        train(_cfg(tiny_dir, tmp_path, overwrite=True), progress=False)
+    assert (tmp_path / "o" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "o" / "precious.txt").unlink()
+    train(_cfg(tiny_dir, tmp_path), progress=False)  # empty: fine
+    (tmp_path / "o" / "mine.txt").write_text("a file added to esft's own run")
     train(_cfg(tiny_dir, tmp_path, overwrite=True), progress=False)
-    assert not (tmp_path / "o" / "precious.txt").exists() and (tmp_path / "o" / "adapter").is_dir()
+    assert not (tmp_path / "o" / "mine.txt").exists() and (tmp_path / "o" / "adapter").is_dir()
 
 
 def test_config_errors(tmp_path):
@@ -95,7 +102,7 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\].*valid keys"):
         build_config(TrainConfig, y)
     y.write_text("model: m\ntrain_data: d\noutput_dir: o\nexpert_config: e\n")
-    with pytest.raises(ConfigError, match="TrainConfig.steps must be int"):
+    with pytest.raises(ConfigError, match="TrainConfig.steps must be an integer"):
         build_config(TrainConfig, y, ["steps=ten"])
     cfg = build_config(TrainConfig, y, ["steps=7", "lr=3e-5"])
     assert (cfg.steps, cfg.lr) == (7, 3e-5)

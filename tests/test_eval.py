@@ -38,7 +38,8 @@ def test_reads_both_layouts(tmp_path):
     p = tmp_path / "e.jsonl"
     p.write_text(json.dumps({"prompt": "q1", "answers": ["a", "b"]}) + "\n" +
                  json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "c"}]}) + "\n")
-    assert read_eval_file(str(p)) == (["q1", "q2"], [["a", "b"], ["c"]])
+    user = lambda t: [{"role": "user", "content": t}]  # noqa: E731  (each prompt is a conversation)
+    assert read_eval_file(str(p)) == ([user("q1"), user("q2")], [["a", "b"], ["c"]])
     p.write_text(json.dumps({"prompt": "q1"}) + "\n")
     with pytest.raises(DataError, match="e.jsonl:1: 'answers' must be a non-empty list"):
         read_eval_file(str(p))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def cmd_profile(a) -> int:
     from .profiling.profiler import concentration, uniform_concentration
     from .profiling.run import ProfileConfig, run_profile
 
+    from .embedded import resolve_model
+    from .io import check_output
+
+    check_output(a.out, {"model": str(resolve_model(a.model)), "data": a.data}, "--out")
     cfg = ProfileConfig(model=a.model, data=a.data, out=a.out, max_tokens=a.max_tokens, seq_len=a.seq_len,
                         batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device,
                         device_map=a.device_map)
@@ -52,6 +57,9 @@ def cmd_select(a) -> int:
     from .selection.run import run_select
     from .selection.select import SelectConfig
 
+    from .io import check_output
+
+    check_output(a.out, {"scores": a.scores, "reference": a.reference}, "--out")
     cfg = SelectConfig(score_function=a.score_function, budget=a.budget, top_p=a.top_p, top_k=a.top_k,
                        global_experts=a.global_experts, train_shared_experts=a.train_shared_experts,
                        train_non_expert_modules=a.train_non_expert_modules, seed=a.seed)
@@ -99,9 +107,12 @@ def cmd_merge(a) -> int:
 
 
 def cmd_make_tiny(a) -> int:
+    from .io import claim_output_dir
     from .models.tiny import make_tiny_checkpoint, toy_task, write_jsonl
 
-    out = Path(a.out)
+    if a.examples < 1:
+        raise ConfigError(f"--examples must be >= 1, got {a.examples}")
+    out = claim_output_dir(a.out, "make-tiny", {}, overwrite=a.overwrite, what="--out")
     make_tiny_checkpoint(out / "model", family=a.family, seed=a.seed)
     write_jsonl(toy_task(a.examples, seed=a.seed), out / "train.jsonl")
     write_jsonl(toy_task(max(a.examples // 10, 8), seed=a.seed + 1), out / "valid.jsonl")
@@ -148,7 +159,8 @@ def cmd_eval(a) -> int:
     cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, metric=a.metric, n=a.n,
                      general=a.general, n_general=a.n_general, batch_size=a.batch_size,
                      max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed, judge_url=a.judge_url,
-                     judge_model=a.judge_model, judge_key_env=a.judge_key_env, template=a.template,
+                     judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout,
+                     judge_retries=a.judge_retries, template=a.template,
                      overlong=a.overlong, device_map=a.device_map, harness=a.harness,
                      harness_include=a.harness_include, harness_builtin=not a.harness_no_builtin,
                      harness_limit=a.harness_limit, harness_fewshot=a.harness_fewshot,
@@ -179,7 +191,13 @@ def cmd_eval(a) -> int:
             ["over-long prompts", over]]
     if cfg.judge_url:
         judged = "no grade parsed" if s["judge_score"] is None else f"{s['judge_score']:.2f}"
-        rows.append(["judge score", f"{judged} ({s['judge_model']}; {s['judge_unparsed']} replies without a grade)"])
+        jf = s["judge_failures"]
+        rows.append(["judge score", f"{judged} ({s['judge_model']}; {s['judge_unparsed']} replies without a grade; "
+                                    f"{jf['count']} of {jf['of']} not judged)"])
+        if jf["count"]:  # the local scores are complete; say why the judge's are not
+            print(f"esft eval: warning: the judge failed on {jf['count']} of {jf['of']} examples (first: "
+                  f"{jf['first'][0]['example']}: {jf['first'][0]['error']}); each one's error is in "
+                  "predictions.jsonl (--out)", file=sys.stderr)
     if cfg.general:
         rows.append(["general ability", f"{s['general_ability']:.2f}"])
         rows += [[f"  {k}", f"{v:.1f}"] for k, v in s["general_per_domain"].items()]
@@ -316,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto: every tensor keeps the base checkpoint's dtype (the adapter's are cast to it); "
                     "float32/bfloat16/float16: cast every floating-point tensor of the output (default: auto)")
-    sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier merge's output "
+                    "(never a directory esft did not write, the adapter's training run, or one holding an input)")
     sp.add_argument("--allow-other-base", action="store_true", help="skip the check that the adapter was made on this base")
     sp.set_defaults(func=cmd_merge)
 
@@ -328,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default=None, help="suite task name (e.g. intent_json); or use --data")
     sp.add_argument("--data", default=None, help="JSONL file to evaluate; or use --task")
     sp.add_argument("--metric", default=None, help="for --data: exact_match, intent_json, json_match, numeric, chrf")
-    sp.add_argument("--n", type=int, default=200, help="number of examples (default: 200)")
+    sp.add_argument("--n", type=int, default=200, help="number of examples, at least 1: a suite task's first N eval "
+                    "examples, or at most the first N rows of --data (default: 200)")
     sp.add_argument("--general", action="store_true", help="also score general ability (held-out general domains)")
     sp.add_argument("--n-general", type=int, default=50, help="examples per general domain (default: 50)")
     sp.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
@@ -339,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "grades each answer 0-10 against the reference (off by default; the local metric is always kept)")
     sp.add_argument("--judge-model", default=None, help="judge model name on --judge-url")
     sp.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    sp.add_argument("--judge-timeout", type=float, default=30.0, help="seconds the judge may take to connect or to "
+                    "reply, per attempt (default: 30)")
+    sp.add_argument("--judge-retries", type=int, default=1, help="further attempts after a judge request times out "
+                    "or fails; after 3 examples in a row fail, the rest are not sent (default: 1)")
     sp.add_argument("--template", default="auto", choices=["auto", "reference", "chat"],
                     help="prompt format: auto = the one --adapter was trained with (reference for a bare "
                     "checkpoint); an explicit choice that contradicts the adapter is refused (default: auto)")
@@ -368,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "word_problems, verdict_json (default: translate_synth)")
     sp.add_argument("--score-function", default="token", choices=["token", "gate"], help="ESFT-Token or ESFT-Gate")
     sp.add_argument("--top-p", type=float, default=None, help="selection threshold (default: 0.2 token, 0.1 gate)")
-    sp.add_argument("--out", default="runs/demo", help="output directory, replaced on each run (default: runs/demo)")
+    sp.add_argument("--out", default="runs/demo", help="output directory, replaced on each run if it holds an "
+                    "earlier demo's output; any other non-empty directory is refused (default: runs/demo)")
     sp.add_argument("--model", default=None, help="checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     sp.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
@@ -444,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("make-tiny", help="write a random tiny MoE checkpoint and toy task data (for trying the tool)")
-    sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl)")
+    sp.add_argument("--out", required=True, help="directory (gets model/, train.jsonl, valid.jsonl); must be new or "
+                    "empty, see --overwrite")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier make-tiny's "
+                    "output (a directory esft did not write is never replaced)")
     sp.add_argument("--family", default="deepseek_v2", help="model type: any supported one (`esft families`), "
                     "e.g. deepseek_v2, gpt_oss, qwen3_next, llama4")
     sp.add_argument("--examples", type=int, default=400, help="training examples of the toy task")
@@ -491,23 +519,93 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .embedded import EmbeddedModelError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and `kill` send): unwound like Ctrl-C, so temporary files are removed."""
 
-    args = build_parser().parse_args(argv)
+
+_SIGNALLED: list[int] = []  # the signal that interrupted the command, if any
+
+
+def _on_signal(signum, frame):
+    # Raised wherever the main thread is: a library may wrap it (DCP's CheckpointException does), so the
+    # signal is also recorded, and main() reports an interrupted command as one whatever it became.
+    if _SIGNALLED and signum == signal.SIGTERM:  # a repeat while unwinding: let the cleanup finish
+        return
+    _SIGNALLED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# Errors that are the user's input, configuration or environment: one line, exit status 2.
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, except that ``key=value`` overrides may stand on both sides of an option
+    (``esft train model=M --quiet output_dir=D``): argparse would take only the first run of them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import threading
+
+    args = parse_args(argv)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 logs progress
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet_rank else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _SIGNALLED.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):  # `esft serve`: uvicorn installs its own while it runs
+            previous[sig] = signal.signal(sig, _on_signal)
     try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError, EmbeddedModelError) as e:
-        print(f"esft {args.command}: error: {e}", file=sys.stderr)
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args) -> int:
+    from .embedded import EmbeddedModelError
+
+    try:
+        try:
+            return args.func(args)
+        except BaseException:
+            if _SIGNALLED:  # whatever a library turned the signal into
+                raise Terminated() if _SIGNALLED[0] == signal.SIGTERM else KeyboardInterrupt() from None
+            raise
+    except (ConfigError, EmbeddedModelError) + USER_ERRORS as e:
+        print(f"esft {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"esft {args.command}: terminated (SIGTERM); finished artifacts are intact, unfinished ones were "
+              "discarded", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"esft {args.command}: interrupted; finished artifacts are intact, unfinished ones were discarded",
               file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a library error not translated yet: say so, traceback on request
+        if args.verbose:
+            raise
+        print(f"esft {args.command}: internal error: {type(e).__name__}: {_one_line(e)} (run `esft -v "
+              f"{args.command} ...` for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message; an OSError's as ``strerror: filename`` (its str() repeats the errno)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

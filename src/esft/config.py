@@ -8,6 +8,7 @@ the dataclass's ``__post_init__`` validates values.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -32,15 +33,28 @@ def _check_type(cls, name: str, value, hint):
         (inner,) = typing.get_args(hint)
         return [_check_type(cls, f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-5" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{cls.__name__}.{name} must be {hint.__name__}, got {value!r}")
+        return float(value)  # 3 -> 3.0 loses nothing; the other way round (3.5 -> 3) is refused below
+    # Strict: no str -> bool/number and no bool -> int (a quoted "false" is a string, and true is not 1)
+    wrong = not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool))
+    if hint in (int, float, str, bool) and wrong:
+        raise ConfigError(f"{cls.__name__}.{name} must be {_kind(hint)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _kind(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that 3e-5 (no dot) is a number, as in YAML 1.2 and JSON."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def from_dict(cls, data: dict, source: str = "config"):
@@ -62,7 +76,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        out[key.strip()] = load_yaml(raw) if raw != "" else None
     return out
 
 
@@ -70,7 +84,7 @@ def build_config(cls, path: str | Path | None = None, overrides: list[str] | Non
     data: dict = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as e:

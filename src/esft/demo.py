@@ -11,7 +11,6 @@ summary.json with every figure of the final table.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +35,24 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed"})
 
 
+    def __post_init__(self):
+        from .training.config import check_range
+
+        for name in ("n_train", "n_valid", "n_eval", "n_general", "steps", "batch_size", "seq_len", "profile_tokens"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_range("lr", self.lr, low=0, low_open=True)
+        if self.top_p is not None:
+            check_range("top_p", self.top_p, low=0, high=1, low_open=True)
+        if self.score_function not in ("token", "gate"):
+            raise ValueError(f"score_function must be token or gate, got {self.score_function!r}")
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     import torch
 
     from .adapter.io import attach_adapter, read_adapter
+    from .io import claim_output_dir
     from .embedded import resolve_model
     from .eval.generate import evaluate_task, general_ability
     from .models.loading import load_model
@@ -56,10 +69,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         raise ValueError(f"{cfg.task!r} is a general domain; pick an adaptation task: {', '.join(task_names('adaptation'))}")
     model_dir = resolve_model(cfg.model)
     top_p = cfg.top_p if cfg.top_p is not None else (0.2 if cfg.score_function == "token" else 0.1)
-    out = Path(cfg.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    # Replaced only if an earlier demo wrote it (its marker); anything else there is refused, not deleted.
+    out = claim_output_dir(cfg.out, "demo", {"model": str(model_dir)}, overwrite=True, what="--out")
     times: dict[str, float] = {}
 
     def timed(name, fn):

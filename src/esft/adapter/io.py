@@ -16,9 +16,10 @@ esft_adapter.json) load too; their base model cannot be checked, which is logged
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..io import atomic_dir, write_json_atomic
+from ..io import DataError, atomic_dir, write_json_atomic
 from ..models.registry import base_experts, get_family, moe_layers
-from ..selection.select import read_expert_config
+from ..selection.select import is_number, load_json, read_expert_config, show
 from ..training.experts import ESFTExperts, TrainablePlan, apply_esft
 from .fingerprint import fingerprint_mismatch, fingerprint_version, model_fingerprint
 
@@ -66,6 +67,9 @@ def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerpri
     """
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                for k, v in plan.adapter_state_dict(source).items()}
+    # Checked after the cast (a float16 adapter can overflow to inf) and before anything is written, so a
+    # diverged run never replaces a good adapter with a NaN one.
+    check_finite(tensors, plan.expert_cfg["experts"], f"{out_dir}: cannot save the adapter")
     cfg = dict(plan.expert_cfg)
     cfg["experts"] = {str(l): list(es) for l, es in sorted(cfg["experts"].items())}
     meta = {
@@ -79,6 +83,14 @@ def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerpri
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
         **(extra_meta or {}),
     }
+    if is_number(meta.get("valid_loss")) and not math.isfinite(meta["valid_loss"]):
+        # inf is the trainer's "no validation loss yet", NaN evaluate_loss's "nothing to score": both mean none.
+        log.warning("%s: valid_loss %s recorded as null", out_dir, meta["valid_loss"])
+        meta["valid_loss"] = None
+    for name, obj in ((META_FILE, meta), (CFG_FILE, cfg)):
+        bad = nonfinite_field(obj)
+        if bad:  # JSON has no NaN / Infinity (json.dumps would write them, and other parsers reject them)
+            raise AdapterError(f"{out_dir}: cannot save the adapter: {name} field {bad} is not a finite number")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
@@ -98,17 +110,104 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
+            part = load_file(str(f))
         except Exception as e:  # safetensors raises several types for damaged files
             raise AdapterError(f"{f}: not a readable safetensors file ({e})") from None
+        check_finite(part, cfg["experts"], str(f))
+        tensors.update(part)
     meta = {}
     if (path / META_FILE).exists():
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_meta(path / META_FILE)
     if meta.get("format") != "esft-expert-adapter":
         # The reference code's v1 adapters stored keys without the "model." prefix. esft's own adapters keep
         # the checkpoint's keys as they are (Mistral's native checkpoints do start with "layers.").
         tensors = {("model." + k if k.startswith("layers.") else k): v for k, v in tensors.items()}
     return Adapter(path, cfg, tensors, meta)
+
+
+def as_adapter(adapter: Adapter | str | os.PathLike) -> Adapter:
+    """The adapter in a directory (read_adapter checks it), or an Adapter given in memory, checked again for
+    NaN / Inf because its tensors may have been changed since it was read."""
+    if isinstance(adapter, Adapter):
+        check_finite(adapter.tensors, adapter.expert_cfg["experts"], str(adapter.path))
+        return adapter
+    return read_adapter(adapter)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], experts: dict[int, list[int]], where: str) -> None:
+    """Refuse a tensor holding NaN or Inf, naming its layer, expert and key: such an adapter (from a diverged
+    run or a damaged file) would make every token routed to the expert NaN. One isfinite pass per tensor."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            kinds = [name for name, m in (("NaN", torch.isnan(t)), ("+Inf", t == math.inf), ("-Inf", t == -math.inf))
+                     if bool(m.any())]
+            raise AdapterError(f"{where}: {_tensor_name(key, t, experts)} holds {int(bad.sum())} non-finite value(s) "
+                               f"({'/'.join(kinds)}) of {t.numel()} (a diverged run, or damaged weights)")
+
+
+def _tensor_name(key: str, t: torch.Tensor, experts: dict[int, list[int]]) -> str:
+    """'layer 1 expert 7 down_proj.weight (model.layers.1.mlp.experts.7.down_proj.weight)', for messages."""
+    layer = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+    if layer is None:
+        return f"tensor {key}"
+    l = int(layer.group(1))
+    one = re.search(r"\.experts\.(\d+)\.(.+)$", key)
+    if one:  # one key per expert
+        return f"layer {l} expert {one.group(1)} {one.group(2)} ({key})"
+    ids = experts.get(l, [])
+    if ".experts." in key and t.dim() and t.shape[0] == len(ids) > 0:  # experts fused in one key: a row each
+        row = int((~torch.isfinite(t.reshape(len(ids), -1))).any(dim=1).nonzero()[0, 0])
+        return f"layer {l} expert {ids[row]} (row {row} of {key})"
+    return f"layer {l} tensor {key}"
+
+
+def nonfinite_field(obj, where: str = "") -> str | None:
+    """The dotted path of the first NaN / Inf number in a JSON-like object (e.g. 'train_config.lr'), else None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = nonfinite_field(v, f"{where}.{k}" if where else str(k))
+        if bad:
+            return bad
+    return None
+
+
+# Fields of esft_adapter.json that esft reads, and their JSON types. Other fields (extra_meta) are kept as
+# they are: an adapter from a newer esft may record more.
+META_TYPES = {
+    "format": ("string",), "format_version": ("integer",), "esft_version": ("string",), "model_type": ("string",),
+    "base_model": ("object",), "num_tensors": ("integer",), "num_parameters": ("integer",),
+    "dtype": ("string", "null"), "method": ("string",), "train_config": ("object",), "template": ("object",),
+    "trained_dtype": ("string",), "step": ("integer",), "valid_loss": ("number", "null"),
+    "base_model.version": ("integer",), "base_model.config": ("string",), "base_model.weights": ("string",),
+    "template.name": ("string",), "template.chat_template": ("string", "null"),
+}
+_IS = {"string": lambda v: isinstance(v, str), "integer": lambda v: type(v) is int,  # not bool
+       "number": is_number, "object": lambda v: isinstance(v, dict), "null": lambda v: v is None}
+
+
+def read_meta(file: Path) -> dict:
+    """esft_adapter.json, with the types of the fields esft reads checked (AdapterError naming file and field)."""
+    try:
+        meta = load_json(file, "adapter metadata")
+    except DataError as e:
+        raise AdapterError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{file}: must be a JSON object, got {show(meta)}")
+    for field, kinds in META_TYPES.items():
+        outer, _, inner = field.partition(".")
+        holder = meta.get(outer) if inner else meta  # checked above to be an object, when present
+        name = inner or outer
+        if isinstance(holder, dict) and name in holder and not any(_IS[k](holder[name]) for k in kinds):
+            raise AdapterError(f"{file}: field {field!r} must be {' or '.join(kinds)}, got {show(holder[name])}")
+    bad = nonfinite_field(meta)
+    if bad:  # NaN / Infinity are not JSON; esft never writes them
+        raise AdapterError(f"{file}: field {bad} is not a finite number")
+    return meta
 
 
 def check_base(model: nn.Module, adapter: Adapter, fingerprint: dict | None = None) -> None:
@@ -228,7 +327,7 @@ def check_routed_shapes(adapter: Adapter, layout, ids: list[int], tensors: dict[
 @torch.no_grad()
 def merge_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow_other_base: bool = False) -> nn.Module:
     """Write the adapter's tensors into ``model``'s own weights, in place (a plain, unwrapped model)."""
-    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    adapter = as_adapter(adapter)
     if not allow_other_base:
         check_base(model, adapter)
     if any(isinstance(l.experts, ESFTExperts) for l in moe_layers(model)):
@@ -257,7 +356,7 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | os.PathLike, allow
 
     The base weights stay untouched (so the adapter can be trained further or compared).
     """
-    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    adapter = as_adapter(adapter)
     if not allow_other_base:
         check_base(model, adapter)
     routed, rest = _split(adapter, model)

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..io import atomic_dir, write_json_atomic
+from ..io import OutputError, atomic_dir, check_output, check_replaceable, mark_output_dir, write_json_atomic
 from ..models.families import NOTES
 from ..models.loading import CheckpointError
 from ..models.registry import meta_model, moe_layers
 from .fingerprint import checkpoint_fingerprint, fingerprint_mismatch, fingerprint_version
-from .io import Adapter, AdapterError, check_family, check_routed, read_adapter
+from .io import Adapter, AdapterError, as_adapter, check_family, check_routed
 from .shards import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, open_checkpoint, write_shard
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,17 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
     check_out_apart(base, out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    # The adapter's own training run, a directory esft did not write, the output of another command: never replaced.
+    inputs = {"base checkpoint": base, "adapter": adapter.path if isinstance(adapter, Adapter) else adapter}
+    check_output(out, inputs, "--out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+        if not out.is_dir():
+            raise OutputError(f"--out {out} is a file, not a directory")
+        check_replaceable(out, "merge", inputs, "--out")
     ckpt = open_checkpoint(base)
-    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    adapter = as_adapter(adapter)  # refuses NaN / Inf tensors before anything is written
     check_family(adapter, json.loads((base / "config.json").read_text()).get("model_type"))
     check_adapter_fits(adapter, ckpt, _layouts(base))
     template = adapter_template(adapter)
@@ -109,6 +116,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
             "rewritten": sorted(adapter.tensors), "shards_rewritten": rewritten_shards, "shards_copied": copied_shards,
         })
         _usual_modes(tmp)
+        mark_output_dir(tmp, "merge")
     return MergeResult(out, sorted(adapter.tensors), rewritten_shards, copied_shards, base_check, data_bytes,
                        time.perf_counter() - t0)
 

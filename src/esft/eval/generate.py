@@ -1,4 +1,9 @@
-"""Batched greedy generation (reference or chat prompt format), over-long prompt handling, task scoring."""
+"""Batched greedy generation (reference or chat prompt format), over-long prompt handling, task scoring.
+
+A prompt is a conversation that ends with a user turn (system message and earlier turns included),
+or a bare string, which stands for one user turn. It is rendered exactly as training rendered the
+same messages (data/conversations.py), so the model is conditioned on the ids it learnt after.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.conversations import ASSISTANT_PREFIX, USER_TEMPLATE, encode_reference
+from ..data.conversations import encode_reference, prompt_text
 from ..io import DataError
 from ..models.loading import input_device
 
@@ -15,8 +20,9 @@ OVERLONG = ("refuse", "truncate", "skip")
 _SENTINEL = "\u2063ESFT-USER-TEXT\u2063"  # stands for the user's text when splitting a rendered chat template
 
 
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen tokenizers have none
+def as_conversation(prompt) -> list[dict]:
+    """A prompt as a list of messages: a bare string is one user turn (suite tasks, the {prompt, answers} layout)."""
+    return [{"role": "user", "content": str(prompt)}] if isinstance(prompt, str) else list(prompt)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class PromptFormat:
         return t
 
     def encode_chat(self, tokenizer, messages: list[dict]) -> list[int]:
-        """Prompt ids for a conversation ending with a user turn, ready for the assistant's answer.
+        """Prompt ids for a conversation (up to the answer: its last user turn, maybe a system message after
+        it), ready for the assistant's answer.
 
         The same rendering as training (data/conversations.py): the reference template, or the chat
         template with its generation prompt (the prefix training located each assistant span after).
@@ -56,19 +63,59 @@ class PromptFormat:
     def encode(self, tokenizer, user: str) -> list[int]:
         return self.encode_chat(tokenizer, [{"role": "user", "content": str(user)}])
 
-    def parts(self, tokenizer, user: str) -> tuple[list[int], list[int], list[int]]:
-        """(head, user text, tail) ids, so that a prompt can lose the start of its user text but keep
-        BOS + "User: " (or the chat template's header) and "\\n\\nAssistant:" (or its generation prompt)."""
+    def parts(self, tokenizer, prompt) -> tuple[list[int], list[int], list[int]]:
+        """(head, last user text, tail) ids of a prompt (a user text, or a conversation whose last user turn is
+        the question), so that it can lose the start of its last user text but keep everything before that
+        text (BOS, the system message, earlier turns, the turn's "User: " or chat header) and after it
+        ("\\n\\nAssistant:" or the chat template's generation prompt)."""
+        msgs = as_conversation(prompt)
+        u = _last_user(msgs)
+        before, last, after = msgs[:u], msgs[u], msgs[u + 1:]
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         if self.name == "reference":
-            head, tail = USER_TEMPLATE.split("{}")[0], USER_TEMPLATE.split("{}")[1] + ASSISTANT_PREFIX
-            return _bos(tokenizer) + enc(head), enc(str(user).strip()), enc(tail)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+            # as encode_reference renders it: earlier turns one by one, then system messages right before the
+            # last user turn prefixed to its text, which is encoded as one string (prompt_text); system
+            # messages after it have no user turn to go to and render as nothing
+            k = max((i + 1 for i, m in enumerate(before) if m["role"] != "system"), default=0)
+            system = "".join(str(m["content"]).strip() + "\n" for m in before[k:])
+            head, _, tail = prompt_text(system + _SENTINEL).partition(_SENTINEL)
+            return encode_reference(before[:k], tokenizer)[0] + enc(head), enc(str(last["content"]).strip()), enc(tail)
+        text = tokenizer.apply_chat_template(before + [{"role": "user", "content": _SENTINEL}] + after, tokenize=False,
                                              chat_template=self.template_for(tokenizer), add_generation_prompt=True)
         head, found, tail = text.partition(_SENTINEL)
         if not found or _SENTINEL in tail:
             raise DataError("cannot left-truncate prompts: the chat template does not keep the user's text as is")
-        return enc(head), enc(str(user)), enc(tail)
+        return enc(head), enc(str(last["content"])), enc(tail)
+
+    def truncate(self, tokenizer, prompt, budget: int) -> list[int] | None:
+        """Ids of ``prompt`` in at most ``budget`` tokens, keeping its end (what matters most for the answer).
+
+        The oldest exchanges after the system message go first (a user turn up to its assistant answer, so
+        roles keep alternating for chat templates that insist), then the start of the last user text; the
+        system message, the template's header and the generation prompt stay. None when those alone leave
+        no room for a single token of the last user text.
+        """
+        msgs = as_conversation(prompt)
+        ids = self.encode_chat(tokenizer, msgs)
+        while len(ids) > budget:
+            turns = [i for i, m in enumerate(msgs[:_last_user(msgs)]) if m["role"] != "system"]
+            if not turns:
+                break
+            end = next((i for i in turns if msgs[i]["role"] == "assistant"), turns[-1])
+            del msgs[turns[0]:end + 1]
+            ids = self.encode_chat(tokenizer, msgs)
+        if len(ids) <= budget:
+            return ids
+        head, text, tail = self.parts(tokenizer, msgs)
+        keep = budget - len(head) - len(tail)
+        return head + text[-keep:] + tail if keep >= 1 else None
+
+
+def _last_user(msgs: list[dict]) -> int:
+    u = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if u is None:
+        raise DataError("a prompt needs a user turn")
+    return u
 
 
 def recorded_format(meta: dict) -> PromptFormat:
@@ -114,18 +161,20 @@ class Prompts:
     lengths: list[int] = field(default_factory=list)  # untruncated prompt lengths of the over-long ones
 
 
-def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat | None = None, context: int | None = None,
+def encode_prompts(tokenizer, prompts: list, fmt: PromptFormat | None = None, context: int | None = None,
                    max_new_tokens: int = 0, overlong: str = "refuse", sources: list[str] | None = None) -> Prompts:
-    """Encode every prompt and deal with those whose tokens + max_new_tokens exceed ``context``.
+    """Encode every prompt (a user text, or a conversation ending with a user turn) and deal with those
+    whose tokens + max_new_tokens exceed ``context``.
 
     Over-long prompts are found before anything is generated: "refuse" raises naming the first of them,
-    "truncate" keeps the last tokens of the user text (the end of a prompt matters most for its answer),
-    "skip" leaves them out (ids None).
+    "truncate" keeps their end (see :meth:`PromptFormat.truncate`: oldest turns first, then the start of
+    the last user text), "skip" leaves them out (ids None).
     """
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
     fmt = fmt or PromptFormat()
-    out = Prompts([fmt.encode(tokenizer, p) for p in prompts])
+    where = lambda i: sources[i] if sources else f"example {i}"  # noqa: E731
+    out = Prompts([_encode_one(tokenizer, fmt, p, where(i)) for i, p in enumerate(prompts)])
     if not context:
         return out
     budget = context - max_new_tokens
@@ -133,24 +182,32 @@ def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat | None = Non
     out.lengths = [len(out.ids[i]) for i in out.overlong]
     if not out.overlong:
         return out
-    first = out.overlong[0]
-    where = sources[first] if sources else f"example {first}"
     if overlong == "refuse":
-        raise DataError(f"{len(out.overlong)} of {len(prompts)} prompts do not fit the model's context: {where} has "
-                        f"{out.lengths[0]} prompt tokens + max_new_tokens {max_new_tokens} > context {context}"
-                        f"{' (the first of them)' if len(out.overlong) > 1 else ''}; choose --overlong truncate (keep "
-                        "each prompt's last tokens) or --overlong skip (score the rest), or lower --max-new-tokens")
+        raise DataError(f"{len(out.overlong)} of {len(prompts)} prompts do not fit the model's context: "
+                        f"{where(out.overlong[0])} has {out.lengths[0]} prompt tokens + max_new_tokens "
+                        f"{max_new_tokens} > context {context}{' (the first of them)' if len(out.overlong) > 1 else ''}"
+                        "; choose --overlong truncate (keep each prompt's last tokens) or --overlong skip (score the "
+                        "rest), or lower --max-new-tokens")
     for i in out.overlong:
         if overlong == "skip":
             out.ids[i] = None
             continue
-        head, text, tail = fmt.parts(tokenizer, prompts[i])
-        keep = budget - len(head) - len(tail)
-        if keep < 1:
+        out.ids[i] = fmt.truncate(tokenizer, prompts[i], budget)
+        if out.ids[i] is None:
             raise ValueError(f"context {context} - max_new_tokens {max_new_tokens} leaves no room for the user text "
-                             f"of {sources[i] if sources else f'example {i}'} next to its template")
-        out.ids[i] = head + text[-keep:] + tail
+                             f"of {where(i)} next to its template and system message; lower --max-new-tokens or "
+                             "choose --overlong skip")
     return out
+
+
+def _encode_one(tokenizer, fmt: PromptFormat, prompt, where: str) -> list[int]:
+    from jinja2 import TemplateError  # chat templates are rendered with jinja2 (a torch dependency)
+
+    try:
+        return fmt.encode_chat(tokenizer, as_conversation(prompt))
+    except TemplateError as e:  # e.g. a chat template that refuses a system message or wants alternating roles
+        raise DataError(f"{where}: the conversation does not fit the chat template ({e}); give it the roles "
+                        "and order that template accepts") from None
 
 
 @torch.no_grad()
@@ -184,9 +241,10 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     return outs
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 32,
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size: int = 32,
              progress=None, fmt: PromptFormat | None = None, overlong: str = "refuse") -> list[str | None]:
-    """Greedy completions of ``prompts`` (user turns) in ``fmt`` (default: the reference template).
+    """Greedy completions of ``prompts`` (user texts, or conversations ending with a user turn) in ``fmt``
+    (default: the reference template).
 
     Prompts longer than the model's context (with room for ``max_new_tokens``) are refused, truncated
     or skipped (None in the result), as ``overlong`` says; see :func:`encode_prompts`.

@@ -111,13 +111,19 @@ def run_harness(model, tokenizer, cfg: HarnessConfig) -> dict:
 
 def write_samples(out_dir: Path, samples: dict) -> list[Path]:
     """One ``harness_<task>.jsonl`` per task: the harness's per-document record (document, prompts,
-    responses, scores)."""
+    responses, scores); NaN or infinite numbers are written as null, listed under ``non_finite_as_null``."""
+    from .run import finite
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for task, rows in samples.items():
         p = out_dir / f"harness_{task}.jsonl"
         with open(p, "w") as f:
             for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
+                found: list[str] = []
+                r = finite(r, found=found)
+                if found and isinstance(r, dict):
+                    r["non_finite_as_null"] = found
+                f.write(json.dumps(r, default=str, allow_nan=False) + "\n")
         paths.append(p)
     return paths

@@ -2,12 +2,18 @@
 
 Inputs: a suite task name (its held-out eval split) or a JSONL file in either layout
 
-    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   prompt = last user turn before
-                                                                          the last assistant turn
-    {"prompt": "...", "answers": ["...", ...]}                           the reference eval layout
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
+        prompt = the whole conversation before the last assistant turn (system message and earlier
+        turns too, rendered as training rendered them); reference = that last assistant turn, or the
+        row's "answers" list when it has one
+    {"prompt": "...", "answers": ["...", ...]}     the reference eval layout: one user turn
 
-Outputs: ``predictions.jsonl`` (prompt, references, prediction, correct-or-score per example)
-and ``summary.json``; ``--general`` adds the held-out general-ability score.
+Outputs: ``predictions.jsonl`` (prompt = the last user turn, ``messages`` = the whole conversation when
+it is more than that turn, references, prediction, score per example) and ``summary.json``; ``--general``
+adds the held-out general-ability score, ``--judge-url`` an LLM judge's grades. The local results are
+written as soon as they exist, so a judge or harness that fails later cannot lose them. Every value is
+checked before the model is loaded; NaN or infinite numbers are written as null and listed under
+``non_finite_as_null`` (JSON has no such numbers).
 
 The prompt format is the adapter's (recorded in its esft_adapter.json at training time, and in
 esft_merge.json by esft merge), the reference template for a bare checkpoint; prompts that do not fit the model's context with room
@@ -17,9 +23,13 @@ for ``max_new_tokens`` are counted and refused, left-truncated or skipped (``ove
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.conversations import validate_messages
 from ..io import DataError, read_jsonl, write_json_atomic
 from .generate import OVERLONG, TEMPLATES, PromptFormat
 
@@ -31,7 +41,7 @@ class EvalConfig:
     task: str | None = field(default=None, metadata={"help": "suite task (its eval split)"})
     data: str | None = field(default=None, metadata={"help": "JSONL to evaluate instead of a suite task"})
     metric: str | None = field(default=None, metadata={"help": "metric for --data (default exact_match)"})
-    n: int = field(default=200, metadata={"help": "examples (suite tasks) / at most (files)"})
+    n: int = field(default=200, metadata={"help": "examples (suite tasks) / at most (files); >= 1"})
     general: bool = field(default=False, metadata={"help": "also score general ability"})
     n_general: int = field(default=50, metadata={"help": "examples per general domain"})
     batch_size: int = field(default=50, metadata={"help": "generation batch size"})
@@ -41,6 +51,9 @@ class EvalConfig:
     judge_url: str | None = field(default=None, metadata={"help": "optional OpenAI-compatible endpoint of a judge model"})
     judge_model: str | None = field(default=None, metadata={"help": "judge model name on that endpoint"})
     judge_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the judge's key"})
+    judge_timeout: float = field(default=30.0, metadata={"help": "seconds the judge may take to connect or reply, "
+                                                         "per attempt"})
+    judge_retries: int = field(default=1, metadata={"help": "further attempts after a failed judge request"})
     template: str = field(default="auto", metadata={"help": "prompt format: auto (the adapter's recorded one, "
                                                     "or a merged checkpoint's; reference for a bare checkpoint), "
                                                     "reference or chat"})
@@ -72,38 +85,124 @@ class EvalConfig:
             raise ValueError(f"template must be auto, reference or chat, got {self.template!r}")
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        # everything below is checked here, before any model is loaded: a bad value costs nothing
+        for name, low in (("n", 1), ("n_general", 1), ("batch_size", 1), ("max_new_tokens", 1),
+                          ("harness_limit", 1), ("harness_fewshot", 0), ("judge_retries", 0)):
+            v = getattr(self, name)
+            if v is None and name.startswith("harness_"):  # None: no limit / each task's own few-shot count
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        t = self.judge_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"--judge-timeout must be a number of seconds > 0, got {t!r}")
+        if self.judge_url and not str(self.judge_url).startswith(("http://", "https://")):
+            raise ValueError(f"--judge-url must be an http:// or https:// URL (e.g. http://localhost:8000/v1), "
+                             f"got {self.judge_url!r}")
+        self._check_task_and_metric()
+        self._check_paths()
+
+    def _check_task_and_metric(self):
+        from ..tasks import METRICS, get_task
+
+        if self.task:
+            own = get_task(self.task).metric  # ValueError naming the known tasks
+            if self.metric and self.metric != own:
+                raise ValueError(f"--metric is for --data; suite task {self.task} is scored with its own metric, "
+                                 f"{own}")
+        elif self.metric and self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; known: {', '.join(sorted(METRICS))}")
+
+    def _check_paths(self):
+        """A file where a file belongs, a directory where a directory belongs (one line naming the fix)."""
+        if self.model:
+            m = Path(self.model)
+            if not m.exists():
+                raise FileNotFoundError(f"--model {m}: no such directory; give a checkpoint directory (with "
+                                        "config.json) or a shipped model's name (small, v2lite)")
+            if not m.is_dir():
+                raise ValueError(f"--model {m} is a file; give the checkpoint directory that holds config.json")
+        if self.adapter:
+            a = Path(self.adapter)
+            if not a.exists():
+                raise FileNotFoundError(f"--adapter {a}: no such directory; give the directory `esft train` "
+                                        "wrote (or a PEFT adapter's)")
+            if not a.is_dir():
+                raise ValueError(f"--adapter {a} is a file; give the adapter's directory (the one `esft train` "
+                                 "wrote, or a PEFT adapter's)")
+        if self.data:
+            d = Path(self.data)
+            if not d.exists():
+                raise FileNotFoundError(f"--data {d}: no such file; give a JSONL file of eval examples")
+            if d.is_dir():
+                raise DataError(f"--data {d} is a directory; give the JSONL file of eval examples itself")
+        if self.out:
+            _check_out(Path(self.out))
 
 
-def read_eval_file(path: str, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+def _check_out(out: Path) -> None:
+    """``out`` can become a directory holding predictions.jsonl and summary.json (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for predictions.jsonl and summary.json")
+    for name in ("predictions.jsonl", "summary.json"):
+        if (out / name).is_dir():
+            raise ValueError(f"--out {out} holds a directory named {name}, where the file is written; "
+                             "remove it or choose another --out")
+    parent = next(p for p in (out, *out.parents) if p.exists())  # the closest part that exists
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no directory can be made under it; "
+                         "choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable by this user; choose another --out")
+
+
+def read_eval_file(path: str, limit: int | None = None) -> tuple[list[list[dict]], list[list[str]]]:
     prompts, refs, _ = read_eval_rows(path, limit)
     return prompts, refs
 
 
-def read_eval_rows(path: str, limit: int | None = None) -> tuple[list[str], list[list[str]], list[str]]:
-    """(prompts, references, "file:line" of each) of an eval file."""
-    prompts, refs, sources = [], [], []
+def read_eval_rows(path: str, limit: int | None = None) -> tuple[list[list[dict]], list[list[str]], list[str]]:
+    """(conversations, references, "file:line" of each) of an eval file, at most ``limit`` of them.
+
+    A conversation is what the model is prompted with: every message before the last assistant turn,
+    system message and earlier turns included (training saw them); its last user turn is the question.
+    """
+    convs, refs, sources = [], [], []
     for row in read_jsonl(path):
         src = f"{path}:{row['_line']}"
-        sources.append(src)
         if "prompt" in row:
-            answers = row.get("answers")
-            if not isinstance(answers, list) or not answers:
-                raise DataError(f"{src}: 'answers' must be a non-empty list next to 'prompt'")
-            prompts.append(str(row["prompt"]))
-            refs.append([str(a) for a in answers])
+            convs.append([{"role": "user", "content": str(row["prompt"])}])
+            refs.append(_answers(row, src, required=True))
         elif "messages" in row:
             msgs = row["messages"]
-            last_a = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-            users = [i for i, m in enumerate(msgs) if m.get("role") == "user" and (last_a is None or i < last_a)]
-            if last_a is None or not users:
-                raise DataError(f"{src}: needs a user turn followed by an assistant turn")
-            prompts.append(str(msgs[users[-1]]["content"]))
-            refs.append(row.get("answers") or [str(msgs[last_a]["content"])])
+            if isinstance(msgs, list) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+                raise DataError(f"{src}: needs an assistant turn (the reference answer) after a user turn")
+            msgs = validate_messages(row, src)  # as training checks them: roles, content
+            last_a = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            if not any(m["role"] == "user" for m in msgs[:last_a]):
+                raise DataError(f"{src}: needs a user turn before the last assistant turn (the reference answer)")
+            # role and content only, as training renders them (a "mask" key only changes training's labels)
+            convs.append([{"role": m["role"], "content": str(m["content"])} for m in msgs[:last_a]])
+            refs.append(_answers(row, src, required=False) or [str(msgs[last_a]["content"])])
         else:
             raise DataError(f"{src}: expected 'messages' or 'prompt' + 'answers'")
-        if limit and len(prompts) >= limit:
+        sources.append(src)
+        if limit is not None and len(convs) >= limit:
             break
-    return prompts, refs, sources
+    if not convs:
+        raise DataError(f"{path}: no examples (the file is empty); give a JSONL file with one example per line")
+    return convs, refs, sources
+
+
+def _answers(row: dict, src: str, required: bool) -> list[str] | None:
+    answers = row.get("answers")
+    if answers is None and not required:
+        return None
+    if not isinstance(answers, list) or not answers:
+        raise DataError(f"{src}: 'answers' must be a non-empty list" + (" next to 'prompt'" if required else ""))
+    return [str(a) for a in answers]
 
 
 def adapter_format(adapter: str) -> PromptFormat | None:
@@ -166,60 +265,112 @@ def load_for_eval(model_dir: str, adapter: str | None, device_map=None, dtype: s
     return model.eval(), tok, kind
 
 
+@dataclass
+class Examples:
+    """What is scored: prompts (conversations), their references and where each came from."""
+
+    metric: str
+    prompts: list[list[dict]]
+    refs: list[list[str]]
+    sources: list[str]
+
+
+def read_examples(cfg: EvalConfig) -> Examples:
+    """The suite task's eval split or the --data file (read before the model loads: bad data fails at once)."""
+    from ..tasks import generate_split, get_task
+
+    if cfg.task:
+        pairs = generate_split(cfg.task, "eval", cfg.n, cfg.seed)
+        return Examples(get_task(cfg.task).metric, [[{"role": "user", "content": p}] for p, _ in pairs],
+                        [[a] for _, a in pairs], [f"{cfg.task} eval example {i}" for i in range(len(pairs))])
+    return Examples(cfg.metric or "exact_match", *read_eval_rows(cfg.data, cfg.n))
+
+
+def require_openai() -> None:
+    try:
+        import openai  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--judge-url needs the openai client, which is not installed ({e}); install the 'eval' "
+                         "extra: pip install 'esft[eval]'") from None
+
+
+def question(conv: list[dict]) -> str:
+    """What the judge is shown as the question: the user's text, or the whole conversation when it has more."""
+    if len(conv) == 1:
+        return conv[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conv)
+
+
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
-    from ..tasks import METRICS, generate_split, get_task
+    from ..tasks import METRICS
     from .generate import context_of, encode_prompts, general_ability, generate_ids
 
-    # the format is settled before loading anything: a conflicting --template fails at once
+    # settled before loading anything: a conflicting --template, a missing lm-eval or openai, bad data
     fmt = eval_format(cfg)
+    hcfg = harness_config(cfg)
+    if cfg.judge_url:
+        require_openai()
+    ex = read_examples(cfg) if (cfg.task or cfg.data) else None
     kind = "given"
-    hcfg = harness_config(cfg)  # settled (and lm-eval found) before the model is loaded
     if model is None:
         model, tokenizer, kind = load_for_eval(cfg.model, cfg.adapter, cfg.device_map)
-    if hcfg is not None and not (cfg.task or cfg.data):
+    if ex is None:  # harness tasks only
         summary = {"model_kind": kind, "config": asdict(cfg)}
-        _add_harness(summary, model, tokenizer, hcfg, cfg.out)
+        samples = _add_harness(summary, model, tokenizer, hcfg)
+        if cfg.out:
+            write_samples_and_summary(Path(cfg.out), summary, samples)
         return summary
-    if cfg.task:
-        metric = get_task(cfg.task).metric
-        pairs = generate_split(cfg.task, "eval", cfg.n, cfg.seed)
-        prompts, refs = [p for p, _ in pairs], [[a] for _, a in pairs]
-        sources = [f"{cfg.task} eval example {i}" for i in range(len(prompts))]
-    else:
-        metric = cfg.metric or "exact_match"
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
-        prompts, refs, sources = read_eval_rows(cfg.data, cfg.n)
     context = context_of(model)
-    enc = encode_prompts(tokenizer, prompts, fmt, context, cfg.max_new_tokens, cfg.overlong, sources)
+    enc = encode_prompts(tokenizer, ex.prompts, fmt, context, cfg.max_new_tokens, cfg.overlong, ex.sources)
     kept = [i for i, ids in enumerate(enc.ids) if ids is not None]
     if not kept:
-        raise DataError(f"all {len(prompts)} prompts are longer than the context ({context} tokens with "
+        raise DataError(f"all {len(ex.prompts)} prompts are longer than the context ({context} tokens with "
                         f"max_new_tokens {cfg.max_new_tokens}): nothing left to score")
-    preds = generate_ids(model, tokenizer, [enc.ids[i] for i in kept], cfg.max_new_tokens, cfg.batch_size)
-    kept_prompts, kept_refs = [prompts[i] for i in kept], [refs[i] for i in kept]
-    total = float(METRICS[metric](preds, kept_refs))
+    generated = generate_ids(model, tokenizer, [enc.ids[i] for i in kept], cfg.max_new_tokens, cfg.batch_size)
+    metric = METRICS[ex.metric]
+    preds = dict(zip(kept, generated))
     action = {"truncate": "truncated", "skip": "skipped"}[cfg.overlong] if enc.overlong else "none"
-    summary = {"task": cfg.task or cfg.data, "metric": metric, "score": total, "n": len(preds), "model_kind": kind,
-               "template": fmt.name,
-               "overlong": {"count": len(enc.overlong), "of": len(prompts), "action": action, "context": context,
-                            "max_new_tokens": cfg.max_new_tokens, "first": [sources[i] for i in enc.overlong[:10]]},
+    rows = []  # one per input, in order; a skipped prompt has prediction null
+    for i, (conv, r) in enumerate(zip(ex.prompts, ex.refs)):
+        last_user = next(m for m in reversed(conv) if m["role"] == "user")
+        row = {"prompt": last_user["content"], "answers": r, "prediction": preds.get(i)}
+        if len(conv) > 1:  # a system message or earlier turns: the whole conversation the model saw
+            row["messages"] = conv
+        if i in preds:
+            row["score"] = float(metric([preds[i]], [r]))
+        if i in enc.overlong:
+            row["overlong"] = action
+        rows.append(row)
+    score = float(metric(generated, [ex.refs[i] for i in kept]))
+    summary = {"task": cfg.task or cfg.data, "metric": ex.metric, "score": score, "n": len(generated), "model_kind": kind, "template": fmt.name,
+               "overlong": {"count": len(enc.overlong), "of": len(ex.prompts), "action": action, "context": context,
+                            "max_new_tokens": cfg.max_new_tokens, "first": [ex.sources[i] for i in enc.overlong[:10]]},
                "config": asdict(cfg)}
+    out = Path(cfg.out) if cfg.out else None
+    if out:  # on disk now: the general score, the judge and the harness come later and can fail or hang
+        write_outputs(out, summary, rows)
     if cfg.general:  # the suite's general domains, always in the reference format (comparable across models)
         g, per = general_ability(model, tokenizer, cfg.n_general, cfg.seed)
         summary.update(general_ability=g, general_per_domain=per)
-    grades = None
     if cfg.judge_url:
         from .judge import JudgeConfig, judge
 
-        j = judge(kept_prompts, kept_refs, preds, JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
-        grades = dict(zip(kept, j.grades))
-        summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model)
+        j = judge([question(ex.prompts[i]) for i in kept], [ex.refs[i] for i in kept], generated,
+                  JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cfg.judge_timeout, cfg.judge_retries))
+        for i, g, e in zip(kept, j.grades, j.errors):
+            rows[i]["judge_grade"] = g
+            if e is not None:
+                rows[i]["judge_error"] = e
+        failures = [(ex.sources[i], e) for i, e in zip(kept, j.errors) if e is not None]
+        summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model,
+                       judge_failures={"count": len(failures), "of": len(kept),  # each one's error: predictions.jsonl
+                                       "first": [{"example": s, "error": e} for s, e in failures[:10]]})
+    if out:
+        write_outputs(out, summary, rows)
     if hcfg is not None:
-        _add_harness(summary, model, tokenizer, hcfg, cfg.out)
-    if cfg.out:
-        _write_outputs(Path(cfg.out), summary, prompts, refs, dict(zip(kept, preds)), set(enc.overlong), action,
-                       METRICS[metric], grades)
+        samples = _add_harness(summary, model, tokenizer, hcfg)
+        if out:
+            write_samples_and_summary(out, summary, samples)
     return summary
 
 
@@ -236,30 +387,63 @@ def harness_config(cfg: EvalConfig):
     return h
 
 
-def _add_harness(summary: dict, model, tokenizer, hcfg, out: str | None) -> None:
+def _add_harness(summary: dict, model, tokenizer, hcfg) -> dict:
     """Run the harness on the loaded model (as it is: an attached adapter stays attached) into ``summary``;
-    with ``out``, write summary.json and one harness_<task>.jsonl per task there."""
-    from .harness import run_harness, write_samples
+    returns its per-task samples."""
+    from .harness import run_harness
 
     r = run_harness(model, tokenizer, hcfg)
     summary["harness"] = {"results": r["results"], "n": r["n"], "versions": r["versions"], "lm_eval": r["lm_eval"]}
-    if out:
-        write_samples(Path(out), r["samples"])
-        write_json_atomic(Path(out) / "summary.json", summary)
+    return r["samples"]
 
 
-def _write_outputs(out: Path, summary: dict, prompts, refs, preds: dict, overlong: set, action: str, metric,
-                   grades: dict | None) -> None:
-    """predictions.jsonl (one row per input, in order; a skipped prompt has prediction null) and summary.json."""
+def write_samples_and_summary(out: Path, summary: dict, samples: dict) -> None:
+    """One harness_<task>.jsonl per task, then summary.json."""
+    from .harness import write_samples
+
+    write_samples(out, samples)
+    write_summary(out, summary)
+
+
+def finite(obj, where: str = "", found: list | None = None):
+    """``obj`` with every NaN or infinite number replaced by None (JSON has no such numbers: strict parsers
+    reject the NaN/Infinity that json.dump writes by default); their paths are appended to ``found``."""
+    if isinstance(obj, dict):
+        return {k: finite(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):  # float, numpy floats
+        if not math.isfinite(obj):
+            if found is not None:
+                found.append(where or "(value)")
+            return None
+        return float(obj)
+    return obj
+
+
+def json_line(row: dict) -> str:
+    """One JSONL line with non-finite numbers as null, listed under the row's ``non_finite_as_null``."""
+    found: list[str] = []
+    row = finite(row, found=found)
+    if found:
+        row["non_finite_as_null"] = found
+    return json.dumps(row, allow_nan=False) + "\n"
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    found: list[str] = []
+    clean = finite(summary, found=found)
+    if found:
+        clean["non_finite_as_null"] = found
+    write_json_atomic(out / "summary.json", clean)
+
+
+def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
+    """predictions.jsonl (one row per input, in order) and summary.json, each replaced whole (written
+    beside, then renamed): they are rewritten as the judge and harness add to them."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for i, (p, r) in enumerate(zip(prompts, refs)):
-            row = {"prompt": p, "answers": r, "prediction": preds.get(i)}
-            if i in preds:
-                row["score"] = float(metric([preds[i]], [r]))
-            if i in overlong:
-                row["overlong"] = action
-            if grades is not None and i in grades:
-                row["judge_grade"] = grades[i]
-            f.write(json.dumps(row) + "\n")
-    write_json_atomic(out / "summary.json", summary)
+    tmp = out / ".predictions.jsonl.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json_line(r) for r in rows)
+    os.replace(tmp, out / "predictions.jsonl")
+    write_summary(out, summary)

@@ -29,7 +29,25 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (before anything loads), naming what it has."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if m is None:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA GPU visible to torch "
+                         f"(torch {torch.__version__}); use device=cpu or auto")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def resolve_device(name: str) -> str:
+    check_device(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -102,7 +120,7 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     then places each tensor as it reads the shards, so no full copy of the model is held in host RAM
     first. ``dtype="auto"`` is bf16 when a CUDA device with bf16 is used, fp32 otherwise.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..embedded import resolve_model
 
@@ -117,6 +135,7 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
         kwargs = {"distributed_config": distributed_config}
     if isinstance(dm, dict) and "disk" in dm.values():
         kwargs["offload_folder"] = offload_folder or _offload_dir()
+    check_safetensors(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         check_model_type(config)  # before loading any weight: a clear error for an unsupported family
@@ -127,15 +146,71 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
         raise CheckpointError(f"{path}: could not load the model: {e}") from e
     get_family(model)
     moe_layers(model)
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: could not load the tokenizer: {e}") from e
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, (load_tokenizer(path) if with_tokenizer else None)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer alone (seconds, no weights): data can be read and checked before the model."""
+    from transformers import AutoTokenizer
+
+    from ..embedded import resolve_model
+
+    path = resolve_model(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: could not load the tokenizer: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def config_context(path: str | os.PathLike) -> int | None:
+    """The model's context length from its config.json alone (``max_position_embeddings``), or None."""
+    from ..embedded import resolve_model
+
+    f = resolve_model(path) / "config.json"
+    try:
+        cfg = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f.parent}: not a Hugging Face checkpoint directory (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    for c in (cfg, cfg.get("text_config") or {}):
+        n = c.get("max_position_embeddings") if isinstance(c, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Refuse truncated or damaged ``*.safetensors`` files of a checkpoint directory, naming the file.
+
+    Reads only each file's header (8-byte length + JSON), and compares the byte range the header
+    promises with the file's size: a copy cut short is found before transformers fails on it deep
+    inside loading.
+    """
+    import struct
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{f}: truncated ({size} bytes, not even a safetensors header); copy it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 << 20:
+                raise CheckpointError(f"{f}: damaged or truncated safetensors header (claims {n} bytes, the file "
+                                      f"holds {size}); copy it again")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError:
+                raise CheckpointError(f"{f}: damaged safetensors header (not JSON); copy it again") from None
+        ends = [v["data_offsets"][1] for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)]
+        need = 8 + n + max(ends, default=0)
+        if size < need:
+            raise CheckpointError(f"{f}: truncated ({size} bytes, its header describes {need}); copy it again")
 
 
 def _offload_dir() -> str:

@@ -27,6 +27,11 @@ class LayerStats:
     gate_sum: torch.Tensor  # [E] sum over sequences of per-sequence mean gate value
     token_sum: torch.Tensor  # [E] sum over sequences of per-sequence selection ratio
     counts: torch.Tensor  # [E] raw number of (token, expert) selections, for reports
+    nonfinite: torch.Tensor  # [] counted tokens whose gate values hold NaN/Inf (checked once, in result())
+
+
+class ProfileError(ValueError):
+    """Routing statistics that cannot be trusted (the router produced NaN/Inf scores)."""
 
 
 @dataclass
@@ -109,14 +114,22 @@ class RouterObserver:
             if N != B * T:
                 raise RuntimeError(f"layer {layer_idx}: router saw {N} tokens, batch mask has {B}x{T}")
             mask = mask.to(g.device)  # a device map may place this layer on another device than the inputs
-            valid = mask.reshape(N).to(g.dtype)  # [N]
+            counted = mask.reshape(N)  # [N] bool
+            # NaN/Inf weights or inputs make NaN gate values, which would reach the scores (and a NaN score
+            # makes top-p selection take every expert). Counted on the device, checked in result(): no host
+            # sync per layer and batch. Tokens that do not count get 0 so that they can poison nothing.
+            nonfinite = ~torch.isfinite(g).all(dim=1) & counted  # [N]
+            g = torch.where(counted.unsqueeze(1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+            valid = counted.to(g.dtype)  # [N]
             n_tok = mask.sum(dim=1).clamp(min=1).to(g.dtype)  # [B]
             w_tok = (valid / n_tok.repeat_interleave(T)).unsqueeze(1)  # [N, 1]: 1/len(seq) on real tokens
             seq_expert = topk_idx  # [N, K]
             st = self.stats.get(layer_idx)
             if st is None:
                 z = torch.zeros(num_experts, dtype=torch.float64, device=g.device)
-                st = self.stats[layer_idx] = LayerStats(z.clone(), z.clone(), torch.zeros_like(z, dtype=torch.long))
+                st = self.stats[layer_idx] = LayerStats(z.clone(), z.clone(), torch.zeros_like(z, dtype=torch.long),
+                                                        torch.zeros((), dtype=torch.long, device=g.device))
+            st.nonfinite += nonfinite.sum()
             # Summing w_tok * x over all tokens of all sequences = sum over sequences of the
             # per-sequence mean, which is exactly what the scores need before dividing by N.
             st.gate_sum.index_add_(0, seq_expert.reshape(-1), (g * w_tok).reshape(-1).double())
@@ -132,7 +145,7 @@ class RouterObserver:
         import torch.distributed as dist
 
         for _, st in sorted(self.stats.items()):  # every rank has every layer: each ran >= 1 forward
-            for t in (st.gate_sum, st.token_sum, st.counts):
+            for t in (st.gate_sum, st.token_sum, st.counts, st.nonfinite):
                 dist.all_reduce(t)
         self.num_sequences = int(job.sum(self.num_sequences))
         self.num_tokens = int(job.sum(self.num_tokens))
@@ -140,6 +153,15 @@ class RouterObserver:
     def result(self, meta: dict | None = None) -> RoutingProfile:
         if self.num_sequences == 0:
             raise RuntimeError("no tokens were profiled")
+        bad = {l: int(s.nonfinite) for l, s in sorted(self.stats.items()) if int(s.nonfinite)}
+        if bad:
+            # The first layer is named: NaN/Inf hidden states flow on, so the layers after it follow.
+            l, n = next(iter(bad.items()))
+            rest = list(bad)[1:]
+            later = f" (and in layer{'s' * (len(rest) > 1)} {', '.join(map(str, rest))})" if rest else ""
+            raise ProfileError(f"layer {l}: the router produced NaN/Inf scores for {n} of {self.num_tokens} tokens"
+                               f"{later}; the checkpoint's weights (in this layer or an earlier one) or the input "
+                               "are not finite, so no scores are written")
         n = self.num_sequences
         gate = {l: (s.gate_sum / n).tolist() for l, s in sorted(self.stats.items())}
         tok = {l: (s.token_sum / n).tolist() for l, s in sorted(self.stats.items())}

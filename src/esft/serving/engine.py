@@ -13,7 +13,11 @@ So a request joins the running batch at the next step and leaves when it is done
 arriving while long ones decode waits one step, not for the batch. ``scheduler="static"`` keeps
 the earlier behaviour for comparison: a batch is admitted only when the previous one has finished.
 Every row has its own sampling settings, random generator, stop strings and length limit, and its
-tokens go only to its own request's events.
+tokens go only to its own request's events. A failure while sampling, detokenising or matching stop
+strings for one row (e.g. non-finite scores from a damaged adapter) ends that row's request with an
+error event and nothing else: the other rows of the step go on. Only a failure of the shared forward
+pass ends every row in it. A retired row's KV-cache slot is zeroed, so nothing a request left there
+(NaN keys of a broken adapter included) reaches the next request through a masked position.
 """
 
 from __future__ import annotations
@@ -33,15 +37,25 @@ import torch
 from ..eval.generate import PromptFormat, eos_ids
 from ..models.loading import input_device
 from .kvcache import SlotCache
+from .schema import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TOP_P
 from .textstream import TextStream
 
 _entropy = random.SystemRandom()  # unseeded requests: fresh randomness, without touching torch's global RNG
 SCHEDULERS = ("continuous", "static")
-MAX_TOP_LOGPROBS = 20
+# OpenAI's log-probability for a token the distribution gives no mass (-inf): JSON has no infinities
+LOGPROB_FLOOR = -9999.0
 
 
 class RequestError(ValueError):
     """Bad request values (the server answers 400 with this message)."""
+
+
+class RowError(RuntimeError):
+    """One row cannot go on (its request ends with this message and HTTP status; the batch goes on)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class QueueFull(RuntimeError):
@@ -65,12 +79,12 @@ class Limits:
 
     def check(self) -> None:
         for name in ("max_tokens", "default_max_tokens", "max_queue", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (an integer), got {getattr(self, name)!r}")
+        if self.max_prompt_tokens is not None and (not _is_int(self.max_prompt_tokens) or self.max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be >= 1 (an integer), got {self.max_prompt_tokens!r}")
+        if not _is_number(self.timeout_s) or not self.timeout_s > 0:  # NaN fails too
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
 
 
 @dataclass
@@ -84,19 +98,32 @@ class GenParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
     def check(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 5:
-            raise RequestError(f"temperature must be in [0, 5], got {self.temperature}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        """The same bounds as the HTTP schema (serving/schema.py), for callers of the engine itself. The
+        comparisons are written so that NaN fails them."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             raise RequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if len(self.stop) > 4 or any(not s for s in self.stop):
+        # float32's smallest normal: a smaller top_p is 0 (or subnormal) where the sampler compares it
+        if not _is_number(self.top_p) or not MIN_TOP_P <= self.top_p <= 1:
+            raise RequestError(f"top_p must be in [{MIN_TOP_P!r}, 1], got {self.top_p!r}")
+        if (not isinstance(self.stop, list) or len(self.stop) > 4
+                or any(not isinstance(s, str) or not s for s in self.stop)):
             raise RequestError("stop must be at most 4 non-empty strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return _is_int(x) or isinstance(x, float)
 
 
 @dataclass
@@ -117,7 +144,10 @@ class Request:
     finished_step: int = -1
 
     def put(self, event: tuple) -> None:
-        (self.listener or self.events.put)(event)
+        try:
+            (self.listener or self.events.put)(event)
+        except Exception:  # noqa: BLE001 - e.g. the server's event loop is closed: nobody reads this request
+            self.cancelled = True  # any more; it must not take the engine thread down with it
 
 
 @dataclass
@@ -296,9 +326,11 @@ class Engine:
             with self.lock:
                 try:
                     self._step()
-                except Exception as e:  # noqa: BLE001 - every request in flight hears about it
+                except Exception as e:  # noqa: BLE001 - the shared forward failed: every row in flight hears
                     for row in self.rows:
-                        self._end(row.req, ("error", f"generation failed: {e}", 500))
+                        if not row.done:
+                            self._end(row.req, ("error", f"generation failed: {e}", 500))
+                        self.cache.clear(row.slot)
                     self.rows = []
 
     def _end(self, req: Request, event: tuple) -> None:
@@ -326,7 +358,7 @@ class Engine:
             if why:
                 row.done = True
                 self._end(row.req, why)
-        self.rows = [row for row in self.rows if not row.done]
+        self._retire()
         self._admit()
         if not self.rows:
             return
@@ -334,6 +366,13 @@ class Engine:
         tokens = self._prefill()
         tokens += self._decode()
         self.recent.append((time.monotonic(), tokens))
+        self._retire()
+
+    def _retire(self) -> None:
+        """Drop the finished rows; zero their slots (see the module docstring)."""
+        for row in self.rows:
+            if row.done:
+                self.cache.clear(row.slot)
         self.rows = [row for row in self.rows if not row.done]
 
     def _admit(self) -> None:
@@ -343,12 +382,18 @@ class Engine:
         admitted = 0
         while free and self.waiting:
             req = self.waiting.popleft()
-            seed = req.params.seed if req.params.seed is not None else _entropy.randrange(2**63)
-            self.rows.append(_Row(req, free.pop(0), torch.Generator(device="cpu").manual_seed(seed),
-                                  TextStream(self.tok, req.params.stop)))
+            admitted += 1
+            try:  # a request whose settings cannot make a row ends alone
+                seed = req.params.seed if req.params.seed is not None else _entropy.randrange(MAX_SEED)
+                row = _Row(req, free[0], torch.Generator(device="cpu").manual_seed(seed),
+                           TextStream(self.tok, req.params.stop))
+            except Exception as e:  # noqa: BLE001
+                self._end(req, ("error", f"the request could not start: {e}", 500))
+                continue
+            self.rows.append(row)
+            free.pop(0)
             self.stats["per_model"][req.adapter or ""] += 1
             self.stats["prompt_tokens"] += len(req.prompt_ids)
-            admitted += 1
         if admitted:
             self._unqueue(admitted)
             self.stats["requests"] += admitted
@@ -408,8 +453,22 @@ class Engine:
         return len(rows)
 
     def _take(self, row: _Row, logits: torch.Tensor) -> None:
-        """Sample row's next token from ``logits`` [V] and hand it to its stream; end the row if it is done."""
+        """Sample row's next token from ``logits`` [V] and hand it to its stream; end the row if it is done.
+        Any failure here belongs to this row alone: its request ends with an error, the step goes on."""
+        try:
+            self._sample(row, logits)
+        except Exception as e:  # noqa: BLE001
+            status = e.status if isinstance(e, RowError) else 500
+            message = str(e) if isinstance(e, RowError) else f"generation failed for this request: {e!r}"
+            row.done, row.next_token = True, None
+            self._end(row.req, ("error", message, status))
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         p, req = row.req.params, row.req
+        if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all():
+            who = f"adapter {req.adapter!r}" if req.adapter is not None else "the base model"
+            raise RowError(f"the model's scores for the next token are not finite (NaN or Inf) for this request; "
+                           f"{who} may hold damaged weights")
         token = _pick(logits, p, row.gen)
         if token in self.eos and not p.ignore_eos:
             return self._finish(row, "stop")
@@ -470,6 +529,7 @@ def _pick(logits: torch.Tensor, p: GenParams, gen: torch.Generator) -> int:
     if p.top_p < 1:
         sp, si = probs.sort(descending=True)
         keep = sp.cumsum(-1) - sp < p.top_p  # the smallest prefix whose mass reaches top_p
+        keep[0] = True  # and never less than the likeliest token, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
@@ -478,6 +538,13 @@ def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple:
     """(token, its log-probability, [(id, logprob) of the k most likely]) under the model's distribution
     (temperature 1, before top-p), as OpenAI and vLLM report it. logits: [V]."""
     lp = torch.log_softmax(logits, -1)
-    top = lp.topk(k) if k else None
-    return token, float(lp[token]), ([] if top is None else
-                                     [(int(i), float(v)) for v, i in zip(top.values, top.indices)])
+    top = lp.topk(min(k, lp.numel())) if k else None
+    return token, _finite(lp[token]), ([] if top is None else
+                                       [(int(i), _finite(v)) for v, i in zip(top.values, top.indices)])
+
+
+def _finite(logprob: torch.Tensor) -> float:
+    """A log-probability JSON can carry: -inf (no mass) is OpenAI's -9999.0; the rest is finite already
+    (non-finite scores end the row before this)."""
+    v = float(logprob)
+    return v if math.isfinite(v) else LOGPROB_FLOOR

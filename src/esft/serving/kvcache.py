@@ -11,9 +11,10 @@ position ``starts[b]`` of its first new token. ``update`` (the transformers ``Ca
 attention layer makes) writes the T new tokens of row b at positions starts[b] .. starts[b]+T-1 of its
 slot and returns rows [B, H, K, D] of the batch's slots up to K = max(starts) + T; :meth:`mask` is the
 matching additive mask [B, 1, T, K]: row b's query t sees positions <= starts[b] + t, i.e. exactly its
-own past. Positions beyond a row's length hold stale values of an earlier request or of padding; the
-mask never shows them, and a slot is rewritten from position 0 by the next request that takes it, so
-freeing a slot costs nothing.
+own past. Positions beyond a row's length hold zeros or values of padding; the mask hides them, and a
+slot is rewritten from position 0 by the next request that takes it. A masked position still enters the
+product softmax(q k + mask) v, so it must be finite: the engine zeroes a slot when its request ends
+(:meth:`clear`), else a request that wrote NaN (a damaged adapter) would poison the slot's next request.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class SlotCache:
             out.append(buf[: len(self.slots), :, : self.length] if contiguous
                        else buf[slots[:, 0], :, : self.length])
         return out[0], out[1]
+
+    def clear(self, slot: int) -> None:
+        """Zero every layer's keys and values of ``slot`` (its request ended; see the module docstring)."""
+        for store in (self.keys, self.values):
+            for buf in store.values():
+                buf[slot].zero_()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length - self.width

@@ -7,13 +7,30 @@
     GET  /health                       200 while the engine runs (never needs a key)
     GET  /metrics                      Prometheus text: queue, running requests, tokens/s, requests per model
     POST   /admin/adapters             {"name", "path"}   (admin token; path must lie under the adapter root)
-    DELETE /admin/adapters/{name}      (admin token)
+    DELETE /admin/adapters/{name}      (admin token; "team/sql" as /admin/adapters/team/sql or team%2Fsql)
 
 The ``model`` field picks the adapter (the base model's own name picks no adapter). Chat messages
 are formatted as that adapter was trained (the template recorded in its esft_adapter.json); the base
 uses its tokenizer's chat template, or the reference template when it has none. Errors use the
 OpenAI error body: ``{"error": {"message", "type", "code"}}``; a body over the size limit gets 413, a
 full queue 429 with Retry-After, a request past its time 504.
+
+Request bodies are standard JSON with strict types (serving/schema.py): a value of the wrong JSON type,
+out of range, NaN or Infinity is refused with 400 naming the field, never converted. Responses never
+hold NaN or Infinity either (a log-probability of -inf is OpenAI's -9999.0).
+
+Adapter names (``--adapter NAME=DIR``, the admin ``name``) are 1-64 characters: ASCII letters, digits,
+'.', '_' and '-', starting with a letter or digit, optionally two such parts joined by one '/'
+("sql", "team/sql-v2"); others are refused (400, or at start-up). The base model's name follows the
+same rule.
+
+One request's failure is its own: a request whose row fails while sampling, detokenising or matching
+stop strings (e.g. NaN scores) gets a 500 naming the cause (or an error event, when streaming), and
+the requests batched with it go on. Adapters with NaN or Inf values are refused at load.
+
+Start-up: every setting is checked (:meth:`ServeConfig.check`, plus a trial bind of host:port) before
+the model loads, and an adapter given at start-up that cannot be served stops the server before it
+listens (:class:`StartupError`, a ValueError: `esft serve` prints it and exits with status 2).
 """
 
 from __future__ import annotations
@@ -30,11 +47,14 @@ from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' (string) annotations here
 
-from .engine import Engine, GenParams, Limits, QueueFull, RequestError
+from .engine import SCHEDULERS, Engine, GenParams, Limits, QueueFull, RequestError
 from .openai_format import Choices, metrics_text
+from .schema import (BadBody, ChatRequest, CompletionRequest, LoadAdapter, check_name, openapi_bodies, parse_body,
+                     validate)
 
 log = logging.getLogger(__name__)
-MAX_N = 8  # choices per request: each is its own row in the batch
+TEMPLATES = ("auto", "reference", "chat")
+MAX_BATCH = 4096  # KV-cache slots; more would preallocate far past any sensible batch
 
 
 @dataclass
@@ -57,6 +77,60 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_adapters: int = 64  # adapters loaded at once (rows of each layer's overlay table)
     max_adapter_experts: int | None = None  # preallocated adapter expert slots per MoE layer (None: E // 4, >= 4)
+
+    def check(self) -> None:
+        """Refuse every bad setting before anything loads (ServeConfigError, a ValueError naming the flag).
+        Whether host:port can be bound is tried in :func:`serve`, also before the model loads."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ServeConfigError(message)
+
+        def count(value, flag: str, lo: int = 1, hi: int | None = None) -> None:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+            need(ok, f"{flag} must be an integer {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {value!r}")
+
+        from ..models.loading import check_device, parse_device_map, resolve_dtype
+
+        need(isinstance(self.host, str) and self.host.strip() != "", f"--host must be an address, got {self.host!r}")
+        count(self.port, "--port", 1, 65535)
+        count(self.max_batch, "--max-batch", 1, MAX_BATCH)
+        count(self.max_body_bytes, "--max-body-bytes")
+        count(self.max_adapters, "--max-adapters")
+        if self.max_adapter_experts is not None:
+            count(self.max_adapter_experts, "--max-adapter-experts")
+        need(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
+        need(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, got "
+                                           f"{self.scheduler!r}")
+        for secret, flag in ((self.api_key, "the API key"), (self.admin_token, "the admin token")):
+            need(secret is None or (isinstance(secret, str) and secret != ""), f"{flag} must be a non-empty string")
+        try:
+            (self.limits or Limits()).check()
+            resolve_dtype(self.dtype, "cpu")  # the name only; "auto" is decided when loading
+            check_device(self.device)  # e.g. cuda on a machine without a GPU
+            parse_device_map(self.device_map)  # a JSON map file must exist and parse
+            check_name(self.base_name, "--base-name")
+        except ServeConfigError:
+            raise
+        except ValueError as e:
+            raise ServeConfigError(str(e)) from None
+        need(Path(self.adapter_root).is_dir(), f"--adapter-root {self.adapter_root!r} is not a directory")
+        for name, path in (self.adapters or {}).items():
+            try:
+                check_name(name)
+                if name == self.base_name:
+                    raise ValueError(f"that is the base model's name (--base-name {self.base_name})")
+                resolve_under(self.adapter_root, path)
+            except ValueError as e:
+                raise ServeConfigError(f"--adapter {name}={path}: {e}") from None
+
+
+class ServeConfigError(ValueError):
+    """A setting of `esft serve` that cannot work (found before the model loads)."""
+
+
+class StartupError(ValueError):
+    """An adapter given at start-up cannot be served: the server stops before it listens."""
 
 
 class AdapterPathError(ValueError):
@@ -96,6 +170,15 @@ def build_app(engine: Engine, cfg: ServeConfig):
 
     app = FastAPI(title="esft serve", version="1")
     weaver = engine.weaver
+
+    def openapi():  # FastAPI's schema, plus the request bodies the handlers read themselves
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = openapi_bodies(get_openapi(title=app.title, version=app.version, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def error(status: int, message: str, typ: str = "invalid_request_error", code: str | None = None, headers=None):
         return JSONResponse({"error": {"message": message, "type": typ, "code": code}}, status_code=status,
@@ -169,55 +252,35 @@ def build_app(engine: Engine, cfg: ServeConfig):
     async def metrics():
         return PlainTextResponse(metrics_text(engine, cfg.base_name), media_type="text/plain; version=0.0.4")
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request, model):
+        """The body, read and counted as it arrives (a body without Content-Length too), as a ``model``."""
         raw, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a body without Content-Length too
+        async for chunk in request.stream():
             size += len(chunk)
             if size > cfg.max_body_bytes:
                 raise BodyTooLarge(f"the request body is over {cfg.max_body_bytes} bytes, this server's limit "
                                    "(esft serve --max-body-bytes)")
             raw.append(chunk)
-        try:
-            body = json.loads(b"".join(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object")
-        return body
+        return validate(model, parse_body(b"".join(raw)))
 
-    def params_of(body: dict, chat: bool) -> tuple[GenParams, int]:
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        limit = body.get("max_tokens", body.get("max_completion_tokens"))
-        n = body.get("n", 1) if body.get("n") is not None else 1
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise RequestError(f"ignore_eos must be true or false, got {ignore_eos!r}")
+    def params_of(req, chat: bool) -> tuple[GenParams, int]:
+        """Engine parameters of a validated request (types and ranges are checked already)."""
+        stop = req.stop if req.stop is not None else []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        limit = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
         if chat:  # chat: logprobs true/false and top_logprobs 0..20; completions: logprobs 0..5 or null
-            want, top = body.get("logprobs") or False, body.get("top_logprobs")
-            if not isinstance(want, bool) or (top is not None and (isinstance(top, bool) or not isinstance(top, int))):
-                raise RequestError("logprobs must be true or false and top_logprobs an integer")
-            if top is not None and not want:
+            if req.top_logprobs is not None and not req.logprobs:
                 raise RequestError("top_logprobs needs logprobs: true")
-            logprobs = (top or 0) if want else None
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
-            logprobs = body.get("logprobs")
-            if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                         or not 0 <= logprobs <= 5):
-                raise RequestError(f"logprobs must be an integer in [0, 5], got {logprobs!r}")
-        try:
-            default = min(engine.limits.default_max_tokens, engine.limits.max_tokens)
-            p = GenParams(max_tokens=int(limit) if limit is not None else default,
-                          temperature=float(body["temperature"]) if body.get("temperature") is not None else 1.0,
-                          top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
-                          stop=[str(s) for s in stop], seed=body.get("seed"), ignore_eos=ignore_eos,
-                          logprobs=logprobs)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise RequestError(f"bad parameter value ({e})") from None
+            logprobs = req.logprobs
+        default = min(engine.limits.default_max_tokens, engine.limits.max_tokens)
+        p = GenParams(max_tokens=limit if limit is not None else default,
+                      temperature=req.temperature if req.temperature is not None else 1.0,
+                      top_p=req.top_p if req.top_p is not None else 1.0, stop=stop, seed=req.seed,
+                      ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
         p.check()
-        return p, n
+        return p, req.n if req.n is not None else 1
 
     def submit_all(adapter, ids, params: GenParams, n: int, listener_for) -> list:
         """n rows for one request (seeded ones: seed, seed + 1, ...); all or none are queued."""
@@ -236,30 +299,18 @@ def build_app(engine: Engine, cfg: ServeConfig):
 
     async def handle(request: Request, chat: bool):
         try:
-            body = await body_of(request)
-            model = body.get("model")
-            if not isinstance(model, str):
-                raise RequestError("'model' (a string) is required")
+            body = await body_of(request, ChatRequest if chat else CompletionRequest)
+            model = body.model
             try:
                 adapter = adapter_of(model)
             except LookupError as e:
                 return error(404, str(e), code="model_not_found")
             params, n = params_of(body, chat)
-            opts = body.get("stream_options") or {}
-            if not isinstance(opts, dict):
-                raise RequestError("stream_options must be an object")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             if chat:
-                msgs = body.get("messages")
-                if not isinstance(msgs, list):
-                    raise RequestError("'messages' (a list) is required")
-                ids = engine.encode_chat(msgs, adapter)
+                ids = engine.encode_chat([m.model_dump() for m in body.messages], adapter)
             else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise RequestError("'prompt' must be one string")
-                ids = engine.encode_completion(prompt)
+                ids = engine.encode_completion(body.prompt if isinstance(body.prompt, str) else body.prompt[0])
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
 
@@ -269,7 +320,7 @@ def build_app(engine: Engine, cfg: ServeConfig):
             reqs = submit_all(adapter, ids, params, n, listener_for)
         except BodyTooLarge as e:
             return error(413, str(e), code="request_too_large")
-        except RequestError as e:
+        except (BadBody, RequestError) as e:
             return error(400, str(e))
         except QueueFull as e:
             return error(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": str(e.retry_after)})
@@ -282,21 +333,24 @@ def build_app(engine: Engine, cfg: ServeConfig):
             for r in reqs:
                 r.cancelled = True
 
-        if body.get("stream"):
+        if body.stream:
+            def data(obj) -> str:  # allow_nan=False: a NaN would be invalid JSON (refused, never sent)
+                return f"data: {json.dumps(obj, allow_nan=False)}\n\n"
+
             async def sse():
                 try:
                     for chunk in out.start():
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield data(chunk)
                     while not out.finished():
                         i, ev = await events.get()
                         if ev[0] == "error":
-                            yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                            yield data({"error": {"message": ev[1], "type": "server_error", "code": str(ev[2])}})
                             break
                         chunk = out.add(i, ev, stream=True)
                         if chunk is not None:
-                            yield f"data: {json.dumps(chunk)}\n\n"
-                    if out.finished() and opts.get("include_usage"):
-                        yield f"data: {json.dumps(out.usage_chunk())}\n\n"
+                            yield data(chunk)
+                    if out.finished() and include_usage:
+                        yield data(out.usage_chunk())
                     yield "data: [DONE]\n\n"
                 finally:  # the stream ended or the client went away: stop generating for it
                     cancel()
@@ -340,19 +394,22 @@ def build_app(engine: Engine, cfg: ServeConfig):
             return error(401, "the admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
         name = None
         try:
-            body = await body_of(request)
-            name, path = body.get("name"), body.get("path")
-            if not isinstance(name, str) or not name or name == cfg.base_name or not isinstance(path, str):
-                raise RequestError(f"give a 'name' (not {cfg.base_name!r}) and a 'path'")
-            full = resolve_under(cfg.adapter_root, path)
+            body = await body_of(request, LoadAdapter)
+            name = body.name
+            if name == cfg.base_name:
+                raise RequestError(f"{name!r} is the base model's name")
+            full = resolve_under(cfg.adapter_root, body.path)
             await asyncio.get_running_loop().run_in_executor(None, _load, engine, name, full, cfg.template)
         except BodyTooLarge as e:
             return error(413, str(e), code="request_too_large")
+        except BadBody as e:
+            return error(400, str(e))
         except (ValueError, OSError) as e:  # bad request, path outside the root, damaged or foreign adapter
             return error(400, f"adapter {name!r} refused: {e}")
         return {"loaded": name, "models": names()}
 
-    @app.delete("/admin/adapters/{name}")
+    # ':path': a name may hold one '/' ("team/sql"); the router matches the decoded path, so team%2Fsql works too
+    @app.delete("/admin/adapters/{name:path}")
     async def unload_adapter(name: str, request: Request):
         if not authorized(request, cfg.admin_token):
             return error(401, "the admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
@@ -405,10 +462,13 @@ def base_format(template: str, tokenizer):
 
 
 def start_engine(cfg: ServeConfig) -> Engine:
-    """Load the base model, weave the start-up adapters (a bad one is logged and skipped), start the engine."""
+    """Check the settings, load the base model, weave the start-up adapters and start the engine. An adapter
+    that cannot be served raises StartupError (nothing is served with a part of the adapters asked for)."""
     from ..embedded import embedded_model_dir
     from ..models.loading import load_model
     from .weave import Weaver
+
+    cfg.check()
 
     model, tok = load_model(cfg.model or embedded_model_dir(), dtype=cfg.dtype, device=cfg.device,
                             device_map=cfg.device_map)
@@ -422,21 +482,42 @@ def start_engine(cfg: ServeConfig) -> Engine:
              "/".join(map(str, sorted(per_layer))), weaver.slot_bytes() / 2**20, cfg.max_adapters)
     engine = Engine(model, tok, weaver, max_batch=cfg.max_batch,
                     base_format=base_format(cfg.template, tok), scheduler=cfg.scheduler, limits=cfg.limits)
-    for name, path in (cfg.adapters or {}).items():
-        if name == cfg.base_name:
-            log.error("adapter %s refused: that is the base model's name", name)
-            continue
-        try:
-            _load(engine, name, resolve_under(cfg.adapter_root, path), cfg.template)
+    try:
+        for name, path in (cfg.adapters or {}).items():
+            try:
+                _load(engine, name, resolve_under(cfg.adapter_root, path), cfg.template)
+            except (ValueError, OSError) as e:
+                raise StartupError(f"--adapter {name}={path} cannot be served: {e}") from None
             log.info("loaded adapter %s from %s (template %s)", name, path, engine.formats[name].name)
-        except (ValueError, OSError) as e:
-            log.error("adapter %s (%s) refused: %s", name, path, e)
+    except BaseException:
+        engine.close()
+        raise
     return engine
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind host:port once and let go, as uvicorn will bind it (SO_REUSEADDR): a port in use, a privileged
+    port or an address not of this machine is then a one-line error before minutes of model loading."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServeConfigError(f"--host {host!r} is not an address this machine can listen on ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ServeConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    cfg.check()  # all before the model loads: a typo costs a second, not a model load
+    check_bindable(cfg.host, cfg.port)
     engine = start_engine(cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", cfg.host,

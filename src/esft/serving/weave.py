@@ -13,6 +13,10 @@ writes them into free slots in place and then fills its table row; unloading cle
 and frees the slots. Neither copies the base nor allocates more than the adapter's own rows, so
 memory is the base once plus the slots, from start-up on. A request's sequence picks its table
 row (``set_rows``), so one batch mixes requests of different adapters and of the base model.
+
+An adapter with a non-finite value (NaN, Inf) in any tensor, as read or once converted to the model's
+dtype (e.g. 1e5 in a float16 model), is refused at load, naming the adapter and the tensor: such a row
+would end every request routed through it with an error.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class _Loaded:
     row: int  # its table row
     slots: dict[int, list[int]]  # layer -> the slots of its experts (in the order of ``experts``)
     experts: dict[int, list[int]]  # layer -> the experts it changed
+    name: str = ""
 
 
 class Weaver:
@@ -91,6 +96,9 @@ class Weaver:
         if not allow_other_base:
             check_base(self.model, a, self.fingerprint)
         routed, rest = _split(a, self.model)
+        for l, tensors in sorted(routed.items()):
+            for key, t in sorted(tensors.items()):
+                _check_finite(t, f"adapter {name!r} ({a.path}): tensor {key}")
         if rest:
             raise AdapterError(f"{a.path}: trains non-expert tensors ({sorted(rest)[:3]}...); only routed-expert "
                                "adapters can share one base model. Merge it into its own checkpoint instead.")
@@ -105,7 +113,8 @@ class Weaver:
             raise AdapterError(f"{a.path}: layer {l} needs {need} adapter expert slots, {have} of {total} are free "
                                f"(esft serve --max-adapter-experts sets the slots per layer); unload an adapter "
                                f"or start the server with more")
-        loaded = _Loaded(self.free_rows[0], {l: self.free[l][:len(ids)] for l, ids in experts.items()}, experts)
+        loaded = _Loaded(self.free_rows[0], {l: self.free[l][:len(ids)] for l, ids in experts.items()}, experts,
+                         name)
         self._write(loaded, routed)
         self.free_rows.pop(0)
         for l, slots in loaded.slots.items():
@@ -122,6 +131,8 @@ class Weaver:
             like = dict(overlay.base.named_parameters(recurse=False))
             # only this layer's rows exist at once: [S, ...] per parameter, the adapter's own size
             rows = self.layers[l].layout().from_checkpoint(loaded.experts[l], tensors, like)
+            for param, t in rows.items():  # finite as read; the model's dtype may still overflow (fp16)
+                _check_finite(t, f"adapter {loaded.name!r}: layer {l} {param} in {t.dtype}")
             overlay.write(loaded.slots[l], rows)
         for l, ids in loaded.experts.items():
             table = self.layers[l].experts.table
@@ -176,6 +187,13 @@ class Weaver:
     def slots(self) -> dict[int, tuple[int, int]]:
         """layer -> (free slots, all slots)."""
         return {l: (len(self.free[l]), self.layers[l].experts.trained.gate_up_proj.shape[0]) for l in self.layers}
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise AdapterError(f"{what} holds {bad} non-finite values (NaN or Inf) of {t.numel()}; refusing to "
+                           f"serve it")
 
 
 def default_slots(num_experts: int) -> int:

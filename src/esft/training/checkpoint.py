@@ -49,7 +49,11 @@ def list_checkpoints(out: Path) -> list[Path]:
     d = out / "checkpoints"
     if not d.exists():
         return []
-    return sorted((p for p in d.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in d.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()), key=step_of)
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
 
 
 def read_state(ckpt: Path) -> dict:
@@ -85,12 +89,17 @@ def save(out: Path, step: int, masters: MasterWeights, opt, state: dict, keep: i
     import torch.distributed.checkpoint as dcp
 
     final = out / "checkpoints" / f"step-{step}"
-    with job.atomic_dir(final) as tmp:  # one temporary directory that all ranks write into
-        # With no process group (one process) DCP writes alone; under torchrun every rank writes its shards.
-        with _quiet():
-            dcp.save(_state_dict(masters, opt), checkpoint_id=str(tmp / "state"))
-        if job.main:  # written last: a directory without it was never completed
-            write_json_atomic(tmp / "state.json", {**state, "step": step})
+    try:
+        with job.atomic_dir(final) as tmp:  # one temporary directory that all ranks write into
+            # With no process group (one process) DCP writes alone; under torchrun every rank writes its shards.
+            with _quiet():
+                dcp.save(_state_dict(masters, opt), checkpoint_id=str(tmp / "state"))
+            if job.main:  # written last: a directory without it was never completed
+                write_json_atomic(tmp / "state.json", {**state, "step": step})
+    except (OSError, RuntimeError) as e:  # a full disk surfaces from DCP's writer as "unexpected pos ..."
+        raise OSError(e.errno if isinstance(e, OSError) else None,
+                      f"writing checkpoint {final} failed ({e}); is the disk full or the directory read-only? "
+                      f"The previous checkpoint is intact: free space, then resume=true") from e
     if job.main:  # a step saved again (a resumed run) has replaced the older one
         for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

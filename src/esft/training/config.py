@@ -59,6 +59,7 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA alpha (method=lora)")
 
     def __post_init__(self):
+        """Every value is checked here, before any model or data is read (a refusal costs nothing)."""
         if self.method not in ("esft", "full", "lora"):
             raise ValueError(f"method must be esft, full or lora, got {self.method!r}")
         if self.method == "esft" and not self.expert_config:
@@ -69,16 +70,43 @@ class TrainConfig:
         from ..embedded import resolve_model
 
         self.model = str(resolve_model(self.model))  # a shipped model's name -> its directory
-        for name in ("seq_len", "batch_size", "grad_accum", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "log_every": 1, "warmup_steps": 0,
+                    "eval_every": 0, "save_every": 0, "keep_checkpoints": 0, "fsdp_size": 0, "ep_size": 1,
+                    "dist_timeout_s": 1, "lora_rank": 1, "lora_alpha": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_range("lr", self.lr, low=0, high=1, low_open=True)  # AdamW's step is ~lr: above 1 only diverges
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("beta1", self.beta1, low=0, high=1, high_open=True)
+        check_range("beta2", self.beta2, low=0, high=1, high_open=True)
+        check_range("max_grad_norm", self.max_grad_norm, low=0)
+        check_range("valid_fraction", self.valid_fraction, low=0, high=1, high_open=True)
         if self.template not in ("reference", "chat"):
             raise ValueError(f"template must be reference or chat, got {self.template!r}")
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
-        if not 0 <= self.valid_fraction < 1:
-            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.adapter_dtype not in ("base", "float32"):
             raise ValueError(f"adapter_dtype must be base or float32, got {self.adapter_dtype!r}")
+        from ..models.loading import check_device, resolve_dtype
+
+        resolve_dtype(self.dtype, "cpu")  # the name only; bf16 support is decided on the device
+        check_device(self.device)
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse a non-finite value or one outside [low, high] (open ends excluded), naming the field."""
+    import math
+
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")

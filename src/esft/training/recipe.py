@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,8 +37,8 @@ from ..adapter.io import save_adapter
 from ..config import to_yaml
 from ..data.conversations import load_examples
 from ..data.packing import Packed, pack
-from ..io import DataError
-from ..models.loading import checkpoint_dtype, input_device, load_model
+from ..io import MARKER, DataError, OutputError, check_output, check_replaceable, mark_output_dir, remove_stale_temps
+from ..models.loading import checkpoint_dtype, input_device, load_model, load_tokenizer
 from ..selection.select import read_expert_config
 from .config import TrainConfig
 from . import checkpoint
@@ -216,22 +217,128 @@ def check_resume(ckpt: Path, saved: dict | None, now: dict, allow_other_base: bo
                         "config.yaml in the output directory), or start a new output_dir / overwrite=true.")
 
 
-def prepare_output_dir(cfg: TrainConfig, writer: bool = True) -> Path:
-    """Check the output directory (every process, so all refuse alike) and, in ``writer`` only, prepare it."""
+class TrainingDiverged(ValueError):
+    """A non-finite loss, gradient norm or weight: the run stops instead of writing garbage."""
+
+
+def run_inputs(cfg: TrainConfig) -> dict[str, str | None]:
+    """The paths a run reads; its output directory may not be, hold or lie inside any of them."""
+    dm = cfg.device_map if cfg.device_map and str(cfg.device_map).endswith(".json") else None
+    return {"model": cfg.model, "train_data": cfg.train_data, "valid_data": cfg.valid_data,
+            "expert_config": cfg.expert_config if cfg.method == "esft" else None, "device_map file": dm}
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Each input exists and is what it should be (a directory, a file), before anything loads."""
+    kinds = {"model": "dir", "train_data": "file", "valid_data": "file", "expert_config": "file",
+             "device_map file": "file"}
+    for name, path in run_inputs(cfg).items():
+        if not path:
+            continue
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{name} {path}: not found")
+        if kinds[name] == "dir" and not p.is_dir():
+            raise DataError(f"{name} {path}: is a file; expected a checkpoint directory")
+        if kinds[name] == "file" and p.is_dir():
+            raise DataError(f"{name} {path}: is a directory; expected a file")
+
+
+def _has_run(out: Path) -> bool:
+    """A directory holding anything but the tool's marker (a run that failed before its first file has none)."""
+    return out.is_dir() and any(p.name != MARKER for p in out.iterdir())
+
+
+def _check_writable(out: Path) -> None:
+    """Try a file in ``out`` (or its nearest existing parent): permissions, read-only mounts, root alike."""
+    here = out
+    while not here.exists():
+        here = here.parent
+    try:
+        with tempfile.TemporaryFile(dir=here):
+            pass
+    except OSError as e:
+        raise OutputError(f"output_dir {out}: cannot write there ({e.strerror}: {here}); choose another "
+                          f"output_dir") from None
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """Every check of the output directory, changing nothing (every process; before data or model load)."""
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if cfg.resume:
-            return out
+    check_output(out, run_inputs(cfg), "output_dir")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output_dir {out} is a file, not a directory")
+    if _has_run(out) and not cfg.resume:
         if not cfg.overwrite:
             raise FileExistsError(f"{out} exists and is not empty: pass overwrite=true to replace it "
                                   f"or resume=true to continue its training")
+        check_replaceable(out, "train", run_inputs(cfg), "output_dir")
+    _check_writable(out)
+    ckpts = checkpoint.list_checkpoints(out) if cfg.resume and out.is_dir() else []
+    if ckpts:
+        done = checkpoint.step_of(ckpts[-1])
+        if done > cfg.steps:
+            raise ValueError(f"resume: {ckpts[-1]} has already trained {done} steps, more than steps={cfg.steps}; "
+                             f"pass steps>={done} (the adapter of step {done} is in {out / 'last'} if the run "
+                             f"finished)")
+    return out
+
+
+def prepare_output_dir(cfg: TrainConfig, writer: bool = True) -> Path:
+    """Check the output directory (every process, so all refuse alike) and, in ``writer`` only, prepare it:
+    a replaced run is removed (only one this tool wrote, holding none of the inputs), the marker written."""
+    out = check_output_dir(cfg)
+    if _has_run(out) and cfg.resume:
         if writer:
-            shutil.rmtree(out)
+            remove_stale_temps(out)
+            remove_stale_temps(out / "checkpoints")
+        return out
+    if _has_run(out) and writer:  # overwrite=true, checked above
+        shutil.rmtree(out)
     elif cfg.resume and writer:
         log.warning("resume=true but %s holds no run yet: starting fresh", out)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
+        mark_output_dir(out, "train")
     return out
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from), so steps never repeat."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor], job) -> list[str]:
+    """Names of tensors holding NaN/Inf (this process's shards); every rank learns whether any rank found one."""
+    bad = [n for n, t in tensors.items() if not bool(torch.isfinite(_local(t).detach()).all())]
+    if job.sum(float(len(bad))) and not bad:
+        bad = ["(on another process)"]
+    return bad
+
+
+def check_context(cfg: TrainConfig, model=None) -> None:
+    """seq_len must fit the model's context (config.json's max_position_embeddings), before anything loads."""
+    from ..models.loading import config_context
+
+    if model is not None:
+        n = getattr(model.config, "max_position_embeddings", None)
+    else:
+        n = config_context(cfg.model)
+    if isinstance(n, int) and cfg.seq_len > n:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({n} tokens, max_position_embeddings "
+                         f"in {cfg.model}/config.json); pass seq_len<={n}")
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
@@ -239,6 +346,9 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
     train = pack(train_ex, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong)
     if len(train) == 0:
         raise DataError(f"{cfg.train_data}: no example left after dropping over-long ones ({train.stats.describe()})")
+    if train.stats.label_tokens == 0:
+        raise DataError(f"{cfg.train_data}: no token to learn ({train.stats.describe()}): the answers lie past "
+                        f"seq_len={cfg.seq_len} or are all masked; raise seq_len or shorten the prompts")
     if cfg.valid_data:
         valid = pack(load_examples(cfg.valid_data, tokenizer, cfg.template), cfg.seq_len, tokenizer.pad_token_id,
                      cfg.overlong)
@@ -246,6 +356,9 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
             raise DataError(f"{cfg.valid_data}: no validation tokens left to score ({valid.stats.describe()})")
     else:
         train, valid = _split_valid(train, cfg.valid_fraction, cfg.seed)
+        if int((train.labels != -100).sum()) == 0:
+            raise DataError(f"{cfg.train_data}: the examples left for training after holding out "
+                            f"valid_fraction={cfg.valid_fraction} have no token to learn; lower valid_fraction")
     return train, valid
 
 
@@ -267,6 +380,17 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     """Run the recipe. ``model``/``tokenizer`` may be passed in (tests, benchmarks) instead of loaded."""
     from tqdm.auto import tqdm
 
+    # Everything that can be refused is refused before the model loads: inputs, output directory, context,
+    # expert config, data (tokenized with the tokenizer alone). Nothing is written until all of it passed.
+    check_inputs(cfg)
+    check_output_dir(cfg)
+    check_context(cfg, model)
+    expert_cfg = read_expert_config(cfg.expert_config) if cfg.method == "esft" else None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    train_data, valid_data = load_data(cfg, tokenizer)
+    log.info("train data: %s", train_data.stats.describe())
+
     job = setup(cfg)  # torchrun: join the process group; alone: world size 1, every collective a no-op
     out = prepare_output_dir(cfg, writer=job.main)
     job.barrier()
@@ -277,10 +401,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         torch.use_deterministic_algorithms(True, warn_only=True)
     if model is None and job.enabled:
         check_expert_counts(cfg.model, cfg.ep_size)
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
-                                      distributed_config=distributed_config(cfg, job.world))
+        model, _ = load_model(cfg.model, dtype=cfg.dtype, device=job.device, with_tokenizer=False,
+                              distributed_config=distributed_config(cfg, job.world))
     elif model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+        model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                              with_tokenizer=False)
     device = input_device(model)
     # Sharded weights: the same fingerprint, read from the checkpoint's files.
     base_fp = checkpoint_fingerprint(cfg.model) if job.enabled else model_fingerprint(model)
@@ -288,9 +413,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     save_dtype = adapter_dtype(cfg, model)
 
     plan: TrainablePlan | None = None
-    expert_cfg = None
     if cfg.method == "esft":
-        expert_cfg = read_expert_config(cfg.expert_config)
         # Under torchrun each layer's trainable copy is sharded over the ranks as soon as it exists.
         plan = apply_esft(model, expert_cfg, prepare=shard_trainable(job, model_dtype))  # validates the config
         params = dict(plan.params)
@@ -300,8 +423,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     else:
         params = full_plan(model)
     check_in_memory(params)  # shared experts, non-expert modules, LoRA targets, full fine-tuning
-    train_data, valid_data = load_data(cfg, tokenizer)
-    log.info("train data: %s", train_data.stats.describe())
     record = run_record(cfg, expert_cfg, tokenizer, model_dtype, base_fp)
 
     if cfg.gradient_checkpointing:
@@ -329,15 +450,19 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
+        if start > cfg.steps:  # checked before loading too; a checkpoint written meanwhile is caught here
+            raise ValueError(f"resume: {ckpts[-1]} has trained {start} steps, more than steps={cfg.steps}")
         best = state["best_valid_loss"] if state.get("best_valid_loss") is not None else math.inf
         # An eval after the last checkpoint may have written a better adapter/ before the crash.
         saved = out / "adapter" / "esft_adapter.json"
         if saved.exists():
             best = min(best, json.loads(saved.read_text()).get("valid_loss") or math.inf)
         log.info("resumed from %s at step %d", ckpts[-1], start)
-        # The first run's config.yaml stays; this run's settings go beside it.
+        # The first run's config.yaml stays; this run's settings go beside it. Log lines the killed run
+        # wrote after its last checkpoint are dropped: those steps are trained (and logged) again.
         if job.main:
             (out / f"config.resumed-at-step-{start}.yaml").write_text(to_yaml(cfg))
+            trim_log(out / "train_log.jsonl", start)
     elif job.main:  # a fresh run (also resume=true with no checkpoint yet: it starts over with these settings)
         (out / "config.yaml").write_text(to_yaml(cfg))
 
@@ -349,7 +474,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     meta = {"method": cfg.method, "train_config": asdict(cfg), "template": template_meta(cfg, tokenizer),
             "trained_dtype": str(model_dtype).removeprefix("torch.")}
 
+    def check_finite(step: int, what: str):
+        bad = nonfinite_tensors(masters.masters, job)
+        if bad:
+            raise TrainingDiverged(f"step {step}: the trainable weights hold NaN/Inf ({', '.join(bad[:3])}"
+                                   f"{', ...' if len(bad) > 3 else ''}) after the update, so no {what} is written; "
+                                   f"lower lr (now {cfg.lr}) and start again")
+
     def write_adapter(where: Path, step: int, **extra):
+        check_finite(step, f"adapter {where.name}/")
         # Every rank takes part in gathering the sharded masters; rank 0 writes them.
         if job.enabled:
             job.reshard(model)
@@ -399,10 +532,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 masters.accumulate()  # low-precision grads -> fp32 master grads, summed over micro-batches
                 step_loss += float(out_.loss.detach())
             step_loss = job.sum(step_loss)  # each rank's loss is its share of the global token-mean
+            if not math.isfinite(step_loss):  # every rank sees the same summed loss, so all stop alike
+                raise TrainingDiverged(f"step {step + 1}: the training loss is {step_loss} (lr={cfg.lr}); nothing "
+                                       f"of this step is kept. Lower lr, check the data and the checkpoint "
+                                       f"for NaN/Inf, and start again")
             job.sum_grads(masters.parameters())  # tensors FSDP does not shard: sum their gradients over ranks
             scaler.unscale_(opt)  # fp16 only: the masters' gradients back to true scale (checks inf/NaN)
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(masters.parameters(), cfg.max_grad_norm)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                # fp16's scaler skips an overflowing step by design; otherwise a NaN/Inf gradient is fatal
+                if not math.isfinite(norm) and not scaler.is_enabled():
+                    raise TrainingDiverged(f"step {step + 1}: the gradient norm is {norm} (loss {step_loss:.4g}); "
+                                           f"nothing of this step is kept. Check the data and the checkpoint for "
+                                           f"NaN/Inf, lower lr, and start again")
             scaler.step(opt)  # = opt.step(), skipped by fp16 loss scaling when a gradient overflowed
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -420,7 +563,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                     writer.add_scalar("train/loss", step_loss, done)
             if valid_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 vloss = evaluate_loss(model, valid_data, cfg.batch_size, device)
-                log_file.write(json.dumps({"step": done, "valid_loss": vloss}) + "\n")
+                # NaN = nothing to score: JSON has no NaN, so null
+                log_file.write(json.dumps({"step": done, "valid_loss": vloss if math.isfinite(vloss) else None}) + "\n")
                 log_file.flush()
                 if writer:
                     writer.add_scalar("valid/loss", vloss, done)
@@ -428,6 +572,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                     best = vloss
                     save_best(done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                check_finite(done, "checkpoint")
                 state["best_valid_loss"] = None if best == math.inf else best
                 state["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
                 checkpoint.save(out, done, masters, opt, state, cfg.keep_checkpoints, job)
@@ -443,13 +588,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     adapter_dir = None
     if plan is not None:
         write_adapter(out / "last", cfg.steps)
-        if valid_data is None:
+        if valid_data is None or not (out / "adapter").exists():  # no validation loss ever scored: the last
             write_adapter(out / "adapter", cfg.steps)
         adapter_dir = str(out / "adapter")
     else:
         save_model(out / "last")
         if cfg.method == "lora":
-            if valid_data is None:
+            if valid_data is None or not (out / "adapter").exists():
                 save_model(out / "adapter")
             adapter_dir = str(out / "adapter")
     job.barrier()  # every rank returns once rank 0 has written everything
