@@ -393,3 +393,36 @@ def test_written_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(run_inputs, tmp_path, capsys,
+                                                                                monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "o"
+    assert main(train_args(run_inputs, out, "steps=2", "save_every=1")) == 0
+    real = dcp.save
+    calls = []
+
+    def full_disk(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        real(state, checkpoint_id=checkpoint_id)
+        raise RuntimeError("unexpected pos 704 vs 598")  # what a full disk looked like from DCP's writer
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    assert main(train_args(run_inputs, out, "steps=3", "save_every=1", "resume=true")) == 2
+    err = capsys.readouterr().err
+    assert "writing checkpoint" in err and "step-3" in err and "disk full" in err and "Traceback" not in err
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-1", "step-2"]  # the half-written step-3 is gone, step-2 intact
+
+
+def test_eval_never_writes_into_its_inputs(run_inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run_inputs, run)) == 0
+    before = tree_digest(run / "adapter")
+    for out in (run / "adapter", run / "adapter" / "preds", run_inputs / "model" / "eval"):
+        assert main(["eval", "--model", str(run_inputs / "model"), "--adapter", str(run / "adapter"), "--data",
+                     str(run_inputs / "train.jsonl"), "--n", "2", "--out", str(out)]) == 2
+        assert "--out" in capsys.readouterr().err
+    assert tree_digest(run / "adapter") == before

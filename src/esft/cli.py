@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="task JSONL in the messages layout")
     sp.add_argument("--out", required=True, help="scores summary JSON to write (reference layout)")
     sp.add_argument("--max-tokens", type=int, default=131072, help="token budget (default: 131072 = 32 x 4096)")
-    sp.add_argument("--seq-len", type=int, default=4096, help="packed sequence length (default: 4096)")
+    sp.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default: the model's context, "
+                    "at most 4096; more than the context is refused)")
     sp.add_argument("--batch-size", type=int, default=1, help="packed sequences per forward pass (default: 1)")
     sp.add_argument("--template", default="reference", choices=["reference", "chat"], help="prompt template")
     sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")

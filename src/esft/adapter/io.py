@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..io import DataError, atomic_dir, write_json_atomic
+from ..io import DataError, atomic_dir, find_nonfinite, write_json_atomic
 from ..models.registry import base_experts, get_family, moe_layers
 from ..selection.select import is_number, load_json, read_expert_config, show
 from ..training.experts import ESFTExperts, TrainablePlan, apply_esft
@@ -88,7 +88,7 @@ def save_adapter(plan: TrainablePlan, out_dir: str | os.PathLike, base_fingerpri
         log.warning("%s: valid_loss %s recorded as null", out_dir, meta["valid_loss"])
         meta["valid_loss"] = None
     for name, obj in ((META_FILE, meta), (CFG_FILE, cfg)):
-        bad = nonfinite_field(obj)
+        bad = find_nonfinite(obj)
         if bad:  # JSON has no NaN / Infinity (json.dumps would write them, and other parsers reject them)
             raise AdapterError(f"{out_dir}: cannot save the adapter: {name} field {bad} is not a finite number")
     out_dir = Path(out_dir)
@@ -164,18 +164,6 @@ def _tensor_name(key: str, t: torch.Tensor, experts: dict[int, list[int]]) -> st
     return f"layer {l} tensor {key}"
 
 
-def nonfinite_field(obj, where: str = "") -> str | None:
-    """The dotted path of the first NaN / Inf number in a JSON-like object (e.g. 'train_config.lr'), else None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return where or "(top level)"
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        bad = nonfinite_field(v, f"{where}.{k}" if where else str(k))
-        if bad:
-            return bad
-    return None
-
-
 # Fields of esft_adapter.json that esft reads, and their JSON types. Other fields (extra_meta) are kept as
 # they are: an adapter from a newer esft may record more.
 META_TYPES = {
@@ -204,7 +192,7 @@ def read_meta(file: Path) -> dict:
         name = inner or outer
         if isinstance(holder, dict) and name in holder and not any(_IS[k](holder[name]) for k in kinds):
             raise AdapterError(f"{file}: field {field!r} must be {' or '.join(kinds)}, got {show(holder[name])}")
-    bad = nonfinite_field(meta)
+    bad = find_nonfinite(meta)
     if bad:  # NaN / Infinity are not JSON; esft never writes them
         raise AdapterError(f"{file}: field {bad} is not a finite number")
     return meta

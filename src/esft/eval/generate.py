@@ -1,8 +1,9 @@
 """Batched greedy generation (reference or chat prompt format), over-long prompt handling, task scoring.
 
-A prompt is a conversation that ends with a user turn (system message and earlier turns included),
-or a bare string, which stands for one user turn. It is rendered exactly as training rendered the
-same messages (data/conversations.py), so the model is conditioned on the ids it learnt after.
+A prompt is a conversation up to the answer to be generated (system message and earlier turns
+included; its last user turn is the question), or a bare string, which stands for one user turn. It
+is rendered exactly as training rendered the same messages (data/conversations.py), so the model is
+conditioned on the very ids that training placed before that answer.
 """
 
 from __future__ import annotations

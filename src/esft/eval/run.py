@@ -16,8 +16,9 @@ checked before the model is loaded; NaN or infinite numbers are written as null 
 ``non_finite_as_null`` (JSON has no such numbers).
 
 The prompt format is the adapter's (recorded in its esft_adapter.json at training time, and in
-esft_merge.json by esft merge), the reference template for a bare checkpoint; prompts that do not fit the model's context with room
-for ``max_new_tokens`` are counted and refused, left-truncated or skipped (``overlong``).
+esft_merge.json by esft merge), the reference template for a bare checkpoint; prompts that do not fit
+the model's context with room for ``max_new_tokens`` are counted and refused, left-truncated or
+skipped (``overlong``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ class EvalConfig:
             if d.is_dir():
                 raise DataError(f"--data {d} is a directory; give the JSONL file of eval examples itself")
         if self.out:
+            from ..embedded import resolve_model
+            from ..io import check_output
+
+            # predictions written into the model, the adapter or over the data would change an input
+            check_output(self.out, {"model": str(resolve_model(self.model or None)), "adapter": self.adapter,
+                                    "data": self.data}, "--out")
             _check_out(Path(self.out))
 
 
@@ -342,7 +349,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
             row["overlong"] = action
         rows.append(row)
     score = float(metric(generated, [ex.refs[i] for i in kept]))
-    summary = {"task": cfg.task or cfg.data, "metric": ex.metric, "score": score, "n": len(generated), "model_kind": kind, "template": fmt.name,
+    summary = {"task": cfg.task or cfg.data, "metric": ex.metric, "score": score, "n": len(generated),
+               "model_kind": kind, "template": fmt.name,
                "overlong": {"count": len(enc.overlong), "of": len(ex.prompts), "action": action, "context": context,
                             "max_new_tokens": cfg.max_new_tokens, "first": [ex.sources[i] for i in enc.overlong[:10]]},
                "config": asdict(cfg)}
@@ -355,16 +363,17 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     if cfg.judge_url:
         from .judge import JudgeConfig, judge
 
-        j = judge([question(ex.prompts[i]) for i in kept], [ex.refs[i] for i in kept], generated,
-                  JudgeConfig(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cfg.judge_timeout, cfg.judge_retries))
-        for i, g, e in zip(kept, j.grades, j.errors):
-            rows[i]["judge_grade"] = g
-            if e is not None:
-                rows[i]["judge_error"] = e
-        failures = [(ex.sources[i], e) for i, e in zip(kept, j.errors) if e is not None]
+        jcfg = JudgeConfig(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_key_env, timeout=cfg.judge_timeout,
+                           retries=cfg.judge_retries)
+        j = judge([question(ex.prompts[i]) for i in kept], [ex.refs[i] for i in kept], generated, jcfg)
+        for i, grade, error in zip(kept, j.grades, j.errors):
+            rows[i]["judge_grade"] = grade
+            if error is not None:
+                rows[i]["judge_error"] = error
+        failures = [{"example": ex.sources[i], "error": e} for i, e in zip(kept, j.errors) if e is not None]
+        # the count, and the first few errors; every example's error is in predictions.jsonl
         summary.update(judge_score=j.score, judge_unparsed=j.unparsed, judge_model=cfg.judge_model,
-                       judge_failures={"count": len(failures), "of": len(kept),  # each one's error: predictions.jsonl
-                                       "first": [{"example": s, "error": e} for s, e in failures[:10]]})
+                       judge_failures={"count": len(failures), "of": len(kept), "first": failures[:10]})
     if out:
         write_outputs(out, summary, rows)
     if hcfg is not None:

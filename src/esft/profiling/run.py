@@ -11,7 +11,7 @@ import torch
 from ..data.conversations import load_examples
 from ..data.packing import pack
 from ..io import DataError, write_json_atomic
-from ..models.loading import input_device, load_model
+from ..models.loading import config_context, input_device, load_model, load_tokenizer
 from ..training.distributed import DistributedConfig, join
 from .profiler import RoutingProfile, profile_routing
 
@@ -22,7 +22,8 @@ class ProfileConfig:
     data: str = field(default="", metadata={"help": "JSONL of conversations of the task"})
     out: str = field(default="", metadata={"help": "where to write the scores summary JSON"})
     max_tokens: int = field(default=131072, metadata={"help": "token budget (paper: 32 x 4096 = 131,072)"})
-    seq_len: int = field(default=4096, metadata={"help": "length of the packed sequences scores are averaged over"})
+    seq_len: int | None = field(default=None, metadata={"help": "length of the packed sequences scores are averaged "
+                                "over (default: the model's context, at most 4096)"})
     batch_size: int = field(default=1, metadata={"help": "packed sequences per forward pass"})
     template: str = field(default="reference", metadata={"help": "reference or chat prompt template"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
@@ -30,9 +31,20 @@ class ProfileConfig:
     device_map: str | None = field(default=None, metadata={"help": "auto, balanced or a JSON {module: device} file"})
 
     def __post_init__(self):
+        """Every value checked before anything loads."""
+        from ..models.loading import check_device, resolve_dtype
+
         for name in ("max_tokens", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template not in ("reference", "chat"):
+            raise ValueError(f"template must be reference or chat, got {self.template!r}")
+        resolve_dtype(self.dtype, "cpu")
+        check_device(self.device)
+        if self.data and Path(self.data).is_dir():
+            raise DataError(f"data {self.data}: is a directory; expected a JSONL file")
+        if self.data and not Path(self.data).exists():
+            raise DataError(f"data {self.data}: not found")
 
 
 def profile_batches(data_path: str, tokenizer, seq_len: int, max_tokens: int, batch_size: int,
@@ -65,15 +77,26 @@ def profile_batches(data_path: str, tokenizer, seq_len: int, max_tokens: int, ba
 def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool = True) -> RoutingProfile:
     from tqdm.auto import tqdm
 
+    # The data is read and checked (with the tokenizer alone) before the model loads: a typo costs seconds.
+    context = config_context(cfg.model) if model is None else getattr(model.config, "max_position_embeddings", None)
+    if cfg.seq_len is None:
+        cfg.seq_len = min(4096, context) if isinstance(context, int) else 4096
+    if isinstance(context, int):
+        if cfg.seq_len > context:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({context} tokens, "
+                             f"max_position_embeddings in {cfg.model}/config.json)")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
     job = join(cfg.device)  # under torchrun: FSDP2 over every process, batches split over them
     if model is None and job.enabled:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=job.device,
-                                      # one process under torchrun: loaded plainly onto its device
-                                      distributed_config=DistributedConfig(fsdp_size=job.world) if job.world > 1 else None)
+        model, _ = load_model(cfg.model, dtype=cfg.dtype, device=job.device, with_tokenizer=False,
+                              # one process under torchrun: loaded plainly onto its device
+                              distributed_config=DistributedConfig(fsdp_size=job.world) if job.world > 1 else None)
     elif model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+        model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                              with_tokenizer=False)
     device = input_device(model)
-    batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
     batches = [{k: v.to(device) for k, v in b.items()} for b in share(batches, job)]
     t0 = time.perf_counter()
     with tqdm(total=total, unit="tok", desc="profile", disable=not (progress and job.main), dynamic_ncols=True) as bar:

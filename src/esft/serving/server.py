@@ -175,7 +175,8 @@ def build_app(engine: Engine, cfg: ServeConfig):
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            app.openapi_schema = openapi_bodies(get_openapi(title=app.title, version=app.version, routes=app.routes))
+            app.openapi_schema = openapi_bodies(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                                max_tokens=engine.limits.max_tokens)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -19,7 +19,8 @@ class TrainConfig:
     valid_data: str | None = _f(None, "JSONL for validation; if unset, valid_fraction of train_data is held out")
     valid_fraction: float = _f(0.05, "share of train_data held out for validation when valid_data is unset")
     template: str = _f("reference", "prompt template: reference ('User: ...\\n\\nAssistant: ...') or chat (tokenizer's)")
-    seq_len: int = _f(4096, "packed sequence length in tokens")
+    seq_len: int | None = _f(None, "packed sequence length in tokens (default: the model's context, at most 4096; "
+                             "more than the context is refused)")
     overlong: str = _f("truncate", "examples longer than seq_len: truncate or drop (counts are reported)")
     batch_size: int = _f(1, "packed sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -70,11 +71,11 @@ class TrainConfig:
         from ..embedded import resolve_model
 
         self.model = str(resolve_model(self.model))  # a shipped model's name -> its directory
-        at_least = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "log_every": 1, "warmup_steps": 0,
+        at_least = {"seq_len": 1 if self.seq_len is not None else None, "batch_size": 1, "grad_accum": 1, "steps": 1, "log_every": 1, "warmup_steps": 0,
                     "eval_every": 0, "save_every": 0, "keep_checkpoints": 0, "fsdp_size": 0, "ep_size": 1,
                     "dist_timeout_s": 1, "lora_rank": 1, "lora_alpha": 1}
         for name, low in at_least.items():
-            if getattr(self, name) < low:
+            if low is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         check_range("lr", self.lr, low=0, high=1, low_open=True)  # AdamW's step is ~lr: above 1 only diverges
         check_range("weight_decay", self.weight_decay, low=0)

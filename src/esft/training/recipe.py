@@ -328,14 +328,20 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor], job) -> list[str]:
     return bad
 
 
+DEFAULT_SEQ_LEN = 4096  # the paper's packed length, when the model's context allows it
+
+
 def check_context(cfg: TrainConfig, model=None) -> None:
-    """seq_len must fit the model's context (config.json's max_position_embeddings), before anything loads."""
+    """seq_len must fit the model's context (config.json's max_position_embeddings), before anything loads;
+    unset, it becomes the context, at most DEFAULT_SEQ_LEN."""
     from ..models.loading import config_context
 
     if model is not None:
         n = getattr(model.config, "max_position_embeddings", None)
     else:
         n = config_context(cfg.model)
+    if cfg.seq_len is None:
+        cfg.seq_len = min(DEFAULT_SEQ_LEN, n) if isinstance(n, int) else DEFAULT_SEQ_LEN
     if isinstance(n, int) and cfg.seq_len > n:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({n} tokens, max_position_embeddings "
                          f"in {cfg.model}/config.json); pass seq_len<={n}")
@@ -392,8 +398,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     log.info("train data: %s", train_data.stats.describe())
 
     job = setup(cfg)  # torchrun: join the process group; alone: world size 1, every collective a no-op
-    out = prepare_output_dir(cfg, writer=job.main)
-    job.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.deterministic:  # CUDA's atomics (index_add, scatter) and split-K matmuls otherwise vary run to run
@@ -423,6 +427,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     else:
         params = full_plan(model)
     check_in_memory(params)  # shared experts, non-expert modules, LoRA targets, full fine-tuning
+    # Only now, with the model loaded and the plan built, is the output directory replaced or created:
+    # a refusal or a failed load leaves it exactly as it was.
+    out = prepare_output_dir(cfg, writer=job.main)
+    job.barrier()
     record = run_record(cfg, expert_cfg, tokenizer, model_dtype, base_fp)
 
     if cfg.gradient_checkpointing:
