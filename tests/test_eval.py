@@ -39,9 +39,19 @@ def test_reads_both_layouts(tmp_path):
     p.write_text(json.dumps({"prompt": "q1", "answers": ["a", "b"]}) + "\n" +
                  json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "c"}]}) + "\n")
     user = lambda t: [{"role": "user", "content": t}]  # noqa: E731  (each prompt is a conversation)
-    assert read_eval_file(str(p)) == ([user("q1"), user("q2")], [["a", "b"], ["c"]])
+    # one file holds one layout: the row that differs is named
+    with pytest.raises(DataError, match="e.jsonl:2: this row is in the messages layout, while the source's first "
+                                        "row is prompt_answers"):
+        read_eval_file(str(p))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(p.read_text().splitlines()[0] + "\n")
+    b.write_text(p.read_text().splitlines()[1] + "\n")
+    assert read_eval_file([str(a), str(b)]) == ([user("q1"), user("q2")], [["a", "b"], ["c"]])
     p.write_text(json.dumps({"prompt": "q1"}) + "\n")
-    with pytest.raises(DataError, match="e.jsonl:1: 'answers' must be a non-empty list"):
+    with pytest.raises(DataError, match="e.jsonl: cannot tell the data layout from its columns \\['prompt'\\]"):
+        read_eval_file(str(p))
+    p.write_text(json.dumps({"prompt": "q1", "answers": []}) + "\n")
+    with pytest.raises(DataError, match="e.jsonl:1: field 'answers': expected a non-empty list"):
         read_eval_file(str(p))
 
 

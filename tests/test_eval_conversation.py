@@ -93,9 +93,10 @@ def test_eval_prompt_ids_equal_trainings_ids_up_to_the_last_answer(tiny, tmp_pat
 
 def test_a_one_turn_prompt_has_no_messages_column_and_prompts_as_before(tiny, tmp_path):
     model, tok = tiny
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "Reverse: red cat", "answers": ["x"]}) + "\n"
-                    + json.dumps({"messages": [msg(U, "Reverse: sun"), msg(A, "sun")], "answers": ["sun", "Sun"]}) + "\n")
+    (tmp_path / "d1.jsonl").write_text(json.dumps({"prompt": "Reverse: red cat", "answers": ["x"]}) + "\n")
+    (tmp_path / "d2.jsonl").write_text(json.dumps({"messages": [msg(U, "Reverse: sun"), msg(A, "sun")],
+                                                   "answers": ["sun", "Sun"]}) + "\n")
+    data = tmp_path / "d*.jsonl"  # a glob: one file per layout
     convs, refs, _ = read_eval_rows(str(data))
     assert refs == [["x"], ["sun", "Sun"]]  # a row's "answers" stands in for its last assistant turn
     assert encode_prompts(tok, convs).ids == [encode_reference([msg(U, "Reverse: red cat")], tok)[0],
@@ -120,14 +121,14 @@ def test_rows_without_a_question_or_answer_name_the_line(tmp_path):
     from esft.io import DataError
 
     p = tmp_path / "e.jsonl"
-    for rows, match in (([msg(U, "q")], "e.jsonl:1: needs an assistant turn"),
+    for rows, match in (([msg(U, "q")], "e.jsonl:1: conversation has no assistant turn"),
                         ([msg(S, "s"), msg(A, "a")], "e.jsonl:1: needs a user turn before the last assistant"),
-                        ([msg("tool", "x"), msg(U, "q"), msg(A, "a")], "e.jsonl:1: each message needs role")):
+                        ([msg("bot", "x"), msg(U, "q"), msg(A, "a")], "e.jsonl:1: field 'messages\\[0\\].role': unknown role 'bot'")):
         write(p, [rows])
         with pytest.raises(DataError, match=match):
             read_eval_rows(str(p))
     p.write_text(json.dumps({"messages": [msg(U, "q"), msg(A, "a")], "answers": "a"}) + "\n")
-    with pytest.raises(DataError, match="e.jsonl:1: 'answers' must be a non-empty list"):
+    with pytest.raises(DataError, match="e.jsonl:1: field 'answers': expected a non-empty list"):
         read_eval_rows(str(p))
 
 

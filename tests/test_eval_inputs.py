@@ -69,8 +69,8 @@ def test_bad_paths_name_the_option_and_the_remedy(tmp_path, data, capsys, no_loa
     (tmp_path / "blocked" / "summary.json").mkdir()
     d = ["--data", str(data)]
     cases = [
-        (["--data", str(tmp_path)], f"--data {tmp_path} is a directory; give the JSONL file of eval examples itself"),
-        (["--data", str(tmp_path / "nope.jsonl")], "no such file; give a JSONL file of eval examples"),
+        (["--data", str(tmp_path / "blocked")], f"{tmp_path / 'blocked'}: the folder holds no data file"),
+        (["--data", str(tmp_path / "nope.jsonl")], f"{tmp_path / 'nope.jsonl'}: not found"),
         (d + ["--adapter", str(a_file)], f"--adapter {a_file} is a file; give the adapter's directory"),
         (d + ["--adapter", str(tmp_path / "none")], "no such directory; give the directory `esft train` wrote"),
         (d + ["--model", str(a_file)], f"--model {a_file} is a file; give the checkpoint directory"),

@@ -167,10 +167,13 @@ def test_bad_values_are_refused_before_the_model_loads(run_inputs, tmp_path, cap
 
 def test_unusable_paths_are_refused_before_the_model_loads(run_inputs, tmp_path, capsys, no_model_load):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "nodata").mkdir()
+    (tmp_path / "nodata" / "notes.txt").write_text("x")
     cases = [
         ([f"output_dir={tmp_path / 'afile' / 'sub'}"], "cannot write there"),  # a file where a directory is expected
         ([f"output_dir={tmp_path / 'afile'}"], "is a file, not a directory"),
-        ([f"train_data={run_inputs}"], "is a directory; expected a file"),
+        ([f"train_data={tmp_path / 'nodata'}"], "the folder holds no data file"),
+        ([f"train_data={run_inputs / 'model' / 'config.json'}"], "cannot tell the data layout from its columns"),
         ([f"model={run_inputs / 'train.jsonl'}"], "is a file; expected a checkpoint directory"),
         ([f"expert_config={tmp_path / 'missing.json'}"], "not found"),
     ]
@@ -314,7 +317,7 @@ def test_damaged_inputs_end_in_one_line(run_inputs, tmp_path, capsys):
     gz = tmp_path / "g.jsonl"
     gz.write_bytes(b"\x1f\x8b\x08\x00binary")
     assert main(train_args(run_inputs, tmp_path / "o", f"train_data={gz}")) == 2
-    assert "g.jsonl:1: not UTF-8 text" in capsys.readouterr().err
+    assert "g.jsonl: the file is gz-compressed but not named so; rename it to end in .gz" in capsys.readouterr().err
     # a truncated weights file: named, before transformers fails inside loading
     st = model / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])

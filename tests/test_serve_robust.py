@@ -259,6 +259,18 @@ def test_a_listener_that_raises_cancels_its_request_and_not_the_engine(srv):
         engine.close()
 
 
+def test_the_reported_example_top_p_1e_46_fails_alone_among_ten_concurrent_requests(srv):
+    """The issue's own case: it used to pass the (0, 1] check, be 0 in float32 and fail all 11 with 500."""
+    url = srv["url"]
+    good = GOOD[:10]
+    want = [_post(url + "/v1/completions", body)[1]["choices"][0]["text"] for body in good]
+    bad = {"model": "a", "prompt": "x", "max_tokens": 8, "temperature": 1.0, "top_p": 1e-46}
+    with ThreadPoolExecutor(11) as pool:
+        got = list(pool.map(lambda body: _post(url + "/v1/completions", body), good[:5] + [bad] + good[5:]))
+    assert got[5][0] == 400 and "top_p" in got[5][1]["error"]["message"]
+    assert [b["choices"][0]["text"] for s, b in got[:5] + got[6:]] == want
+
+
 # ---------------------------------------------------------------- top_p and other numbers at the edge
 
 @pytest.mark.parametrize("top_p", [1e-46, 5e-324, 1e-39, 0.0, -0.0, -1e-30, 1.0000001, 2])

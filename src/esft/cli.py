@@ -36,10 +36,14 @@ def cmd_profile(a) -> int:
     from .embedded import resolve_model
     from .io import check_output
 
-    check_output(a.out, {"model": str(resolve_model(a.model)), "data": a.data}, "--out")
+    from .data.spec import spec_paths
+
+    check_output(a.out, {"model": str(resolve_model(a.model)),
+                         **{"data" if i == 0 else f"data ({p})": p for i, p in enumerate(spec_paths(a.data))}}, "--out")
     cfg = ProfileConfig(model=a.model, data=a.data, out=a.out, max_tokens=a.max_tokens, seq_len=a.seq_len,
                         batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device,
-                        device_map=a.device_map)
+                        device_map=a.device_map, data_format=a.data_format, skip_bad_rows=a.skip_bad_rows,
+                        streaming=a.streaming)
     prof = run_profile(cfg, progress=not a.quiet)
     rows = []
     for l in prof.layers:
@@ -156,7 +160,8 @@ def cmd_plan(a) -> int:
 def cmd_eval(a) -> int:
     from .eval.run import EvalConfig, run_eval
 
-    cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, metric=a.metric, n=a.n,
+    cfg = EvalConfig(model=a.model or "", adapter=a.adapter, task=a.task, data=a.data, data_format=a.data_format,
+                     skip_bad_rows=a.skip_bad_rows, metric=a.metric, n=a.n,
                      general=a.general, n_general=a.n_general, batch_size=a.batch_size,
                      max_new_tokens=a.max_new_tokens, out=a.out, seed=a.seed, judge_url=a.judge_url,
                      judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout,
@@ -274,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def data_options(sp):
+        from .data.layouts import LAYOUTS
+
+        sp.add_argument("--data-format", default=None, choices=list(LAYOUTS), help="layout of every source that "
+                        "names none (default: detected per source from its columns)")
+        sp.add_argument("--skip-bad-rows", action="store_true", help="drop rows that cannot be converted (counted by "
+                        "reason) instead of stopping at the first one")
+
     def common(sp, quiet=True):
         if quiet:
             sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -282,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the model over the task's data and score every routed expert of every "
                         "MoE layer (per-sequence, per-layer normalised).")
     sp.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or a shipped model: small, v2lite")
-    sp.add_argument("--data", required=True, help="task JSONL in the messages layout")
+    sp.add_argument("--data", required=True, help="the task's data: a file (JSON lines/array, parquet, CSV/TSV, arrow; "
+                    ".gz/.bz2/.zst), a glob, a folder, a save_to_disk folder, or a YAML file of sources (README: Data)")
+    data_options(sp)
+    sp.add_argument("--streaming", action="store_true", help="read only the rows the token budget needs (data "
+                    "larger than memory)")
     sp.add_argument("--out", required=True, help="scores summary JSON to write (reference layout)")
     sp.add_argument("--max-tokens", type=int, default=131072, help="token budget (default: 131072 = 32 x 4096)")
     sp.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default: the model's context, "
@@ -346,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=None, help="checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--adapter", default=None, help="ESFT adapter directory, or a PEFT/LoRA adapter directory")
     sp.add_argument("--task", default=None, help="suite task name (e.g. intent_json); or use --data")
-    sp.add_argument("--data", default=None, help="JSONL file to evaluate; or use --task")
+    sp.add_argument("--data", default=None, help="data to evaluate (any layout and file type `esft train` reads: "
+                    "the prompt is each conversation up to its last assistant turn, the reference that turn or the "
+                    "row's 'answers'); or use --task")
+    data_options(sp)
     sp.add_argument("--metric", default=None, help="for --data: exact_match, intent_json, json_match, numeric, chrf")
     sp.add_argument("--n", type=int, default=200, help="number of examples, at least 1: a suite task's first N eval "
                     "examples, or at most the first N rows of --data (default: 200)")

@@ -23,10 +23,19 @@ class ConfigError(ValueError):
 def _check_type(cls, name: str, value, hint):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
             return value
-        hint = next(a for a in args if a is not type(None))
+        errors = []
+        for a in args:  # the first alternative the value fits
+            try:
+                return _check_type(cls, name, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        if len(args) > 1:
+            kinds = " or ".join(_kind(a) for a in args)
+            raise ConfigError(f"{cls.__name__}.{name} must be {kinds}, got {type(value).__name__} {value!r}")
+        raise errors[0]
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{cls.__name__}.{name} must be a list, e.g. [a, b], got {value!r}")
@@ -36,13 +45,15 @@ def _check_type(cls, name: str, value, hint):
         return float(value)  # 3 -> 3.0 loses nothing; the other way round (3.5 -> 3) is refused below
     # Strict: no str -> bool/number and no bool -> int (a quoted "false" is a string, and true is not 1)
     wrong = not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool))
-    if hint in (int, float, str, bool) and wrong:
+    if hint in (int, float, str, bool, list, dict) and wrong:
         raise ConfigError(f"{cls.__name__}.{name} must be {_kind(hint)}, got {type(value).__name__} {value!r}")
     return value
 
 
 def _kind(hint) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+    hint = typing.get_origin(hint) or hint
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -46,14 +46,18 @@ class Packed:
         return self.input_ids.shape[0]
 
 
-def pack(examples: list[Example], seq_len: int, pad_id: int, overlong: str = "truncate") -> Packed:
+def pack(examples, seq_len: int, pad_id: int, overlong: str = "truncate", max_rows: int | None = None) -> Packed:
+    """Pack ``examples`` (a list, or any iterable: a stream is consumed only until ``max_rows`` rows are full)."""
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
-    stats = PackStats(examples=len(examples))
+    stats = PackStats()
     rows: list[tuple[list[int], list[int]]] = []
     cur_ids: list[int] = []
     cur_lab: list[int] = []
     for ex in examples:
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        stats.examples += 1
         ids, lab = ex.input_ids, ex.labels
         if len(ids) > seq_len:
             if overlong == "drop":
@@ -66,11 +70,11 @@ def pack(examples: list[Example], seq_len: int, pad_id: int, overlong: str = "tr
             cur_ids, cur_lab = [], []
         cur_ids = cur_ids + ids
         cur_lab = cur_lab + lab
-    if cur_ids:
+    if cur_ids and (max_rows is None or len(rows) < max_rows):
         rows.append((cur_ids, cur_lab))
     if stats.truncated or stats.dropped:
         log.warning("%d of %d examples exceed seq_len=%d: %d truncated, %d dropped",
-                    stats.truncated + stats.dropped, len(examples), seq_len, stats.truncated, stats.dropped)
+                    stats.truncated + stats.dropped, stats.examples, seq_len, stats.truncated, stats.dropped)
     n = len(rows)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)

@@ -30,8 +30,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..data.conversations import validate_messages
-from ..io import DataError, read_jsonl, write_json_atomic
+from ..io import DataError, write_json_atomic
 from .generate import OVERLONG, TEMPLATES, PromptFormat
 
 
@@ -40,7 +39,10 @@ class EvalConfig:
     model: str = field(default="", metadata={"help": "base or merged checkpoint directory ('' = shipped model)"})
     adapter: str | None = field(default=None, metadata={"help": "ESFT adapter or PEFT (LoRA) adapter directory"})
     task: str | None = field(default=None, metadata={"help": "suite task (its eval split)"})
-    data: str | None = field(default=None, metadata={"help": "JSONL to evaluate instead of a suite task"})
+    data: str | list | None = field(default=None, metadata={"help": "data specification to evaluate instead of a "
+                                                          "suite task (any layout; see esft.data)"})
+    data_format: str | None = field(default=None, metadata={"help": "layout of --data (default: detected)"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "drop rows of --data that cannot be converted"})
     metric: str | None = field(default=None, metadata={"help": "metric for --data (default exact_match)"})
     n: int = field(default=200, metadata={"help": "examples (suite tasks) / at most (files); >= 1"})
     general: bool = field(default=False, metadata={"help": "also score general ability"})
@@ -134,11 +136,9 @@ class EvalConfig:
                 raise ValueError(f"--adapter {a} is a file; give the adapter's directory (the one `esft train` "
                                  "wrote, or a PEFT adapter's)")
         if self.data:
-            d = Path(self.data)
-            if not d.exists():
-                raise FileNotFoundError(f"--data {d}: no such file; give a JSONL file of eval examples")
-            if d.is_dir():
-                raise DataError(f"--data {d} is a directory; give the JSONL file of eval examples itself")
+            from ..data.spec import parse_spec
+
+            parse_spec(self.data, self.data_format, "--data")  # read (and checked row by row) before the model
         if self.out:
             from ..embedded import resolve_model
             from ..io import check_output
@@ -165,51 +165,43 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: {parent} is not writable by this user; choose another --out")
 
 
-def read_eval_file(path: str, limit: int | None = None) -> tuple[list[list[dict]], list[list[str]]]:
-    prompts, refs, _ = read_eval_rows(path, limit)
+def read_eval_file(path, limit: int | None = None, data_format: str | None = None):
+    prompts, refs, _ = read_eval_rows(path, limit, data_format)
     return prompts, refs
 
 
-def read_eval_rows(path: str, limit: int | None = None) -> tuple[list[list[dict]], list[list[str]], list[str]]:
-    """(conversations, references, "file:line" of each) of an eval file, at most ``limit`` of them.
+def read_eval_rows(path, limit: int | None = None, data_format: str | None = None,
+                   skip_bad_rows: bool = False) -> tuple[list[list[dict]], list[list[str]], list[str]]:
+    """(conversations, references, location of each) of an eval data specification, at most ``limit``.
 
-    A conversation is what the model is prompted with: every message before the last assistant turn,
-    system message and earlier turns included (training saw them); its last user turn is the question.
+    Any layout the data layer reads (esft.data.layouts); a conversation is what the model is prompted
+    with: every message before the last assistant turn, system message and earlier turns included
+    (training saw them). The reference is the row's ``answers`` list if it has one (the reference code's
+    ``{prompt, answers}`` files), else that last assistant turn.
     """
+    from ..data.pipeline import iter_conversations
+
     convs, refs, sources = [], [], []
-    for row in read_jsonl(path):
-        src = f"{path}:{row['_line']}"
-        if "prompt" in row:
-            convs.append([{"role": "user", "content": str(row["prompt"])}])
-            refs.append(_answers(row, src, required=True))
-        elif "messages" in row:
-            msgs = row["messages"]
-            if isinstance(msgs, list) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+    for conv in iter_conversations(path, data_format, skip_bad_rows, limit=limit, what="--data"):
+        src = conv.source
+        if conv.messages is None:
+            raise DataError(f"{src}: plain text has no question and answer to evaluate; give conversations")
+        msgs = conv.messages
+        if not any(m["role"] == "assistant" for m in msgs):
+            if conv.references is None:
                 raise DataError(f"{src}: needs an assistant turn (the reference answer) after a user turn")
-            msgs = validate_messages(row, src)  # as training checks them: roles, content
-            last_a = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            if not any(m["role"] == "user" for m in msgs[:last_a]):
-                raise DataError(f"{src}: needs a user turn before the last assistant turn (the reference answer)")
-            # role and content only, as training renders them (a "mask" key only changes training's labels)
-            convs.append([{"role": m["role"], "content": str(m["content"])} for m in msgs[:last_a]])
-            refs.append(_answers(row, src, required=False) or [str(msgs[last_a]["content"])])
+            last_a = len(msgs)
         else:
-            raise DataError(f"{src}: expected 'messages' or 'prompt' + 'answers'")
+            last_a = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        if not any(m["role"] == "user" for m in msgs[:last_a]):
+            raise DataError(f"{src}: needs a user turn before the last assistant turn (the reference answer)")
+        # as training renders them: role and content (tool calls kept for chat templates)
+        convs.append([{k: v for k, v in m.items() if k != "learn"} for m in msgs[:last_a]])
+        refs.append(conv.references or [str(msgs[last_a]["content"])])
         sources.append(src)
-        if limit is not None and len(convs) >= limit:
-            break
     if not convs:
-        raise DataError(f"{path}: no examples (the file is empty); give a JSONL file with one example per line")
+        raise DataError(f"{path}: no examples (the data is empty)")
     return convs, refs, sources
-
-
-def _answers(row: dict, src: str, required: bool) -> list[str] | None:
-    answers = row.get("answers")
-    if answers is None and not required:
-        return None
-    if not isinstance(answers, list) or not answers:
-        raise DataError(f"{src}: 'answers' must be a non-empty list" + (" next to 'prompt'" if required else ""))
-    return [str(a) for a in answers]
 
 
 def adapter_format(adapter: str) -> PromptFormat | None:
@@ -290,7 +282,7 @@ def read_examples(cfg: EvalConfig) -> Examples:
         pairs = generate_split(cfg.task, "eval", cfg.n, cfg.seed)
         return Examples(get_task(cfg.task).metric, [[{"role": "user", "content": p}] for p, _ in pairs],
                         [[a] for _, a in pairs], [f"{cfg.task} eval example {i}" for i in range(len(pairs))])
-    return Examples(cfg.metric or "exact_match", *read_eval_rows(cfg.data, cfg.n))
+    return Examples(cfg.metric or "exact_match", *read_eval_rows(cfg.data, cfg.n, cfg.data_format, cfg.skip_bad_rows))
 
 
 def require_openai() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.conversations import load_examples
+from ..data.pipeline import read_examples
 from ..data.packing import pack
 from ..io import DataError, write_json_atomic
 from ..models.loading import config_context, input_device, load_model, load_tokenizer
@@ -29,6 +29,9 @@ class ProfileConfig:
     dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     device_map: str | None = field(default=None, metadata={"help": "auto, balanced or a JSON {module: device} file"})
+    data_format: str | None = field(default=None, metadata={"help": "layout of the data (default: detected)"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "drop rows that cannot be converted, counted"})
+    streaming: bool = field(default=False, metadata={"help": "read only the rows the token budget needs"})
 
     def __post_init__(self):
         """Every value checked before anything loads."""
@@ -41,16 +44,22 @@ class ProfileConfig:
             raise ValueError(f"template must be reference or chat, got {self.template!r}")
         resolve_dtype(self.dtype, "cpu")
         check_device(self.device)
-        if self.data and Path(self.data).is_dir():
-            raise DataError(f"data {self.data}: is a directory; expected a JSONL file")
-        if self.data and not Path(self.data).exists():
-            raise DataError(f"data {self.data}: not found")
+        if self.data:
+            from ..data.spec import parse_spec
+
+            parse_spec(self.data, self.data_format, "--data")
 
 
-def profile_batches(data_path: str, tokenizer, seq_len: int, max_tokens: int, batch_size: int,
-                    template: str = "reference"):
-    """Packed rows of the task's conversations, cut to the token budget, grouped into batches."""
-    packed = pack(load_examples(data_path, tokenizer, template), seq_len, tokenizer.pad_token_id)
+def profile_batches(data_path, tokenizer, seq_len: int, max_tokens: int, batch_size: int,
+                    template: str = "reference", data_format: str | None = None, skip_bad_rows: bool = False,
+                    streaming: bool = False):
+    """Packed rows of the task's conversations, cut to the token budget, grouped into batches.
+
+    ``data_path`` is a data specification (see esft.data.spec); streaming reads only what the budget needs."""
+    res = read_examples(data_path, tokenizer, template, data_format=data_format, skip_bad_rows=skip_bad_rows,
+                        streaming=streaming, what="--data")
+    packed = pack(res.examples, seq_len, tokenizer.pad_token_id,
+                  max_rows=2 * -(-max_tokens // seq_len) if streaming else None)
     rows, total = [], 0
     for r in range(len(packed)):
         if total >= max_tokens:
@@ -87,7 +96,8 @@ def run_profile(cfg: ProfileConfig, model=None, tokenizer=None, progress: bool =
                              f"max_position_embeddings in {cfg.model}/config.json)")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
-    batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template)
+    batches, total = profile_batches(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.batch_size, cfg.template,
+                                     cfg.data_format, cfg.skip_bad_rows, cfg.streaming)
     job = join(cfg.device)  # under torchrun: FSDP2 over every process, batches split over them
     if model is None and job.enabled:
         model, _ = load_model(cfg.model, dtype=cfg.dtype, device=job.device, with_tokenizer=False,

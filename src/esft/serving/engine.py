@@ -37,11 +37,15 @@ import torch
 from ..eval.generate import PromptFormat, eos_ids
 from ..models.loading import input_device
 from .kvcache import SlotCache
-from .schema import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TOP_P
 from .textstream import TextStream
 
 _entropy = random.SystemRandom()  # unseeded requests: fresh randomness, without touching torch's global RNG
 SCHEDULERS = ("continuous", "static")
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs; completions' logprobs go to 5, as OpenAI's
+MAX_SEED = 2**63  # seeds are torch.Generator seeds: [0, 2**63)
+MAX_TEMPERATURE = 5.0
+# top_p is compared in float32: a smaller value rounds to 0 (or a subnormal) there and keeps no token
+MIN_TOP_P = float(torch.finfo(torch.float32).tiny)
 # OpenAI's log-probability for a token the distribution gives no mass (-inf): JSON has no infinities
 LOGPROB_FLOOR = -9999.0
 
@@ -98,7 +102,7 @@ class GenParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
     def check(self) -> None:
-        """The same bounds as the HTTP schema (serving/schema.py), for callers of the engine itself. The
+        """The bounds the HTTP schema (serving/schema.py) also checks, for callers of the engine itself. The
         comparisons are written so that NaN fails them."""
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
@@ -465,7 +469,9 @@ class Engine:
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         p, req = row.req.params, row.req
-        if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all():
+        # -inf alone is a token without mass (fine); NaN, +inf or nothing finite cannot be sampled from
+        if not bool(torch.isfinite(logits).all()) and (
+                torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all()):
             who = f"adapter {req.adapter!r}" if req.adapter is not None else "the base model"
             raise RowError(f"the model's scores for the next token are not finite (NaN or Inf) for this request; "
                            f"{who} may hold damaged weights")

@@ -19,16 +19,12 @@ import math
 import re
 from typing import Annotated, Literal, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TOP_P  # the engine's own bounds
 
 MAX_N = 8  # choices per request: each is its own row in the batch
 MAX_STOP = 4
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs; completions' logprobs go to 5, as OpenAI's
-MAX_SEED = 2**63  # seeds are torch.Generator seeds: [0, 2**63)
-MAX_TEMPERATURE = 5.0
-# top_p is compared in float32: a smaller value rounds to 0 (or a subnormal) there and keeps no token
-MIN_TOP_P = float(torch.finfo(torch.float32).tiny)
 
 # Adapter (and base) model names: what a client puts in "model", an admin in the DELETE URL, /metrics in a
 # label. One or two parts joined by '/' (as Hugging Face names are written: "team/sql"); each part starts
@@ -124,7 +120,7 @@ def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         # strings must be real Unicode: "\ud800" parses, but encoding it (as a tokenizer must) fails
-        pass
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
     except BadBody:
         raise
     except UnicodeEncodeError:

@@ -88,7 +88,8 @@ class ServeConfig:
 
         def count(value, flag: str, lo: int = 1, hi: int | None = None) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-            need(ok, f"{flag} must be an integer {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {value!r}")
+            bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            need(ok, f"{flag} must be an integer {bounds}, got {value!r}")
 
         from ..models.loading import check_device, parse_device_map, resolve_dtype
 
@@ -504,7 +505,7 @@ def check_bindable(host: str, port: int) -> None:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as e:
+    except (socket.gaierror, UnicodeError, ValueError) as e:  # unknown name, bad IDNA, NUL in the name
         raise ServeConfigError(f"--host {host!r} is not an address this machine can listen on ({e})") from None
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

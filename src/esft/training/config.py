@@ -12,11 +12,22 @@ def _f(default, help: str):
 @dataclass
 class TrainConfig:
     model: str = _f("", "local Hugging Face checkpoint directory of the base MoE model, or a shipped model: small, v2lite")
-    train_data: str = _f("", "JSONL of conversations ({'messages': [...]}) to learn")
+    train_data: str | list = _f("", "data to learn: a file (JSON lines/array, parquet, CSV/TSV, arrow; .gz/.bz2/.zst), "
+                                "a glob, a folder, a save_to_disk folder, a YAML file of sources, or a list of sources "
+                                "{path, format, columns, weight}; layouts messages, sharegpt, alpaca, prompt_completion, "
+                                "text (README: Data)")
     output_dir: str = _f("", "where checkpoints, logs and the adapter go")
     method: str = _f("esft", "esft (only the experts of expert_config), full (full fine-tuning) or lora (PEFT LoRA baseline)")
     expert_config: str | None = _f(None, "expert_cfg.json from `esft select` (method=esft)")
-    valid_data: str | None = _f(None, "JSONL for validation; if unset, valid_fraction of train_data is held out")
+    valid_data: str | list | None = _f(None, "validation data (same forms as train_data); if unset, valid_fraction "
+                                       "of train_data is held out")
+    data_format: str | None = _f(None, "layout of every source that names none: messages, sharegpt, alpaca, "
+                                 "prompt_completion, text, prompt_answers (default: detected per source)")
+    skip_bad_rows: bool = _f(False, "drop rows that cannot be converted (counted by reason in the log) instead of "
+                             "stopping at the first one")
+    data_workers: int = _f(1, "processes tokenizing the data (datasets.map num_proc; the result is cached)")
+    streaming: bool = _f(False, "read the data lazily, only the rows the run's steps consume (memory independent "
+                         "of the data's size; source weights become sampling probabilities)")
     valid_fraction: float = _f(0.05, "share of train_data held out for validation when valid_data is unset")
     template: str = _f("reference", "prompt template: reference ('User: ...\\n\\nAssistant: ...') or chat (tokenizer's)")
     seq_len: int | None = _f(None, "packed sequence length in tokens (default: the model's context, at most 4096; "
@@ -71,7 +82,7 @@ class TrainConfig:
         from ..embedded import resolve_model
 
         self.model = str(resolve_model(self.model))  # a shipped model's name -> its directory
-        at_least = {"seq_len": 1 if self.seq_len is not None else None, "batch_size": 1, "grad_accum": 1, "steps": 1, "log_every": 1, "warmup_steps": 0,
+        at_least = {"seq_len": 1 if self.seq_len is not None else None, "data_workers": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "log_every": 1, "warmup_steps": 0,
                     "eval_every": 0, "save_every": 0, "keep_checkpoints": 0, "fsdp_size": 0, "ep_size": 1,
                     "dist_timeout_s": 1, "lora_rank": 1, "lora_alpha": 1}
         for name, low in at_least.items():
@@ -89,7 +100,12 @@ class TrainConfig:
             raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
         if self.adapter_dtype not in ("base", "float32"):
             raise ValueError(f"adapter_dtype must be base or float32, got {self.adapter_dtype!r}")
+        from ..data.spec import parse_spec
         from ..models.loading import check_device, resolve_dtype
+
+        parse_spec(self.train_data, self.data_format, "train_data")  # the specification's form; files are read later
+        if self.valid_data is not None:
+            parse_spec(self.valid_data, self.data_format, "valid_data")
 
         resolve_dtype(self.dtype, "cpu")  # the name only; bf16 support is decided on the device
         check_device(self.device)

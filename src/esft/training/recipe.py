@@ -35,7 +35,7 @@ from torch import nn
 from ..adapter.fingerprint import checkpoint_fingerprint, model_fingerprint
 from ..adapter.io import save_adapter
 from ..config import to_yaml
-from ..data.conversations import load_examples
+from ..data.pipeline import read_examples
 from ..data.packing import Packed, pack
 from ..io import MARKER, DataError, OutputError, check_output, check_replaceable, mark_output_dir, remove_stale_temps
 from ..models.loading import checkpoint_dtype, input_device, load_model, load_tokenizer
@@ -155,13 +155,32 @@ TRAJECTORY_KEYS = ("method", "template", "seq_len", "overlong", "batch_size", "g
                    "lora_alpha")
 
 
-def _sha256(path: str | None) -> str | None:
-    if not path:
+def _sha256(spec) -> str | None:
+    """The data's identity for resume checks: one file's SHA-256 (as earlier versions recorded it), or one
+    over the specification and every file it reads."""
+    if not spec:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    from ..data.sources import resolve_files
+    from ..data.spec import parse_spec
+
+    def file_hash(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    sources = parse_spec(spec)
+    files = [f for s in sources for f in resolve_files(s)]
+    if len(sources) == 1 and sources[0].weight == 1 and len(files) == 1 and Path(files[0].path).is_file() \
+            and isinstance(spec, str) and not spec.endswith((".yaml", ".yml")):
+        return file_hash(Path(files[0].path))
+    h = hashlib.sha256(json.dumps([vars(s) for s in sources], sort_keys=True).encode())
+    for f in files:
+        p = Path(f.path)
+        for q in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if q.is_file():
+                h.update(file_hash(q).encode())
     return h.hexdigest()
 
 
@@ -169,6 +188,9 @@ def run_record(cfg: TrainConfig, expert_cfg: dict | None, tokenizer, dtype: torc
     """Everything that decides a run's trajectory, as plain JSON (stored in every checkpoint)."""
     rec = {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}
     rec["dtype"] = str(dtype).removeprefix("torch.")
+    for k in ("data_format", "skip_bad_rows", "streaming"):  # recorded when set: older records lack them
+        if getattr(cfg, k):
+            rec[k] = getattr(cfg, k)
     rec["train_data_sha256"] = _sha256(cfg.train_data)
     rec["valid_data_sha256"] = _sha256(cfg.valid_data)
     rec["chat_template_sha256"] = (hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
@@ -223,17 +245,23 @@ class TrainingDiverged(ValueError):
 
 def run_inputs(cfg: TrainConfig) -> dict[str, str | None]:
     """The paths a run reads; its output directory may not be, hold or lie inside any of them."""
+    from ..data.spec import spec_paths
+
     dm = cfg.device_map if cfg.device_map and str(cfg.device_map).endswith(".json") else None
-    return {"model": cfg.model, "train_data": cfg.train_data, "valid_data": cfg.valid_data,
-            "expert_config": cfg.expert_config if cfg.method == "esft" else None, "device_map file": dm}
+    inputs = {"model": cfg.model, "expert_config": cfg.expert_config if cfg.method == "esft" else None,
+              "device_map file": dm}
+    for name in ("train_data", "valid_data"):
+        for i, path in enumerate(spec_paths(getattr(cfg, name)) if getattr(cfg, name) else []):
+            inputs[name if i == 0 else f"{name} ({path})"] = path
+    return inputs
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Each input exists and is what it should be (a directory, a file), before anything loads."""
-    kinds = {"model": "dir", "train_data": "file", "valid_data": "file", "expert_config": "file",
-             "device_map file": "file"}
+    """Each input exists and is what it should be (a directory, a file), before anything loads (the data's
+    files are checked by the data layer as it reads them)."""
+    kinds = {"model": "dir", "expert_config": "file", "device_map file": "file"}
     for name, path in run_inputs(cfg).items():
-        if not path:
+        if not path or name not in kinds:
             continue
         p = Path(path)
         if not p.exists():
@@ -347,23 +375,42 @@ def check_context(cfg: TrainConfig, model=None) -> None:
                          f"in {cfg.model}/config.json); pass seq_len<={n}")
 
 
+def _name(spec) -> str:
+    return str(spec) if not isinstance(spec, list) else f"({len(spec)} sources)"
+
+
+def _read(cfg: TrainConfig, spec, tokenizer, what: str, max_rows: int | None = None) -> Packed:
+    """A data specification -> packed rows (streaming: only ``max_rows`` rows are read and packed)."""
+    res = read_examples(spec, tokenizer, cfg.template, data_format=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows,
+                        num_proc=cfg.data_workers if cfg.data_workers > 1 else None, streaming=cfg.streaming,
+                        seed=cfg.seed, what=what)
+    packed = pack(res.examples, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong,
+                  max_rows=max_rows if cfg.streaming else None)
+    log.info("%s: %s", what, res.stats.describe())
+    return packed
+
+
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
-    train_ex = load_examples(cfg.train_data, tokenizer, cfg.template)
-    train = pack(train_ex, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong)
+    # Streaming reads the rows the steps consume (plus the held-out share), not the whole data.
+    need = cfg.steps * cfg.grad_accum * cfg.batch_size
+    if cfg.valid_data is None and cfg.valid_fraction > 0:
+        need = math.ceil(need / (1 - cfg.valid_fraction))
+    train = _read(cfg, cfg.train_data, tokenizer, "train_data", max_rows=need)
     if len(train) == 0:
-        raise DataError(f"{cfg.train_data}: no example left after dropping over-long ones ({train.stats.describe()})")
+        raise DataError(f"train_data {_name(cfg.train_data)}: no example left after dropping over-long ones "
+                        f"({train.stats.describe()})")
     if train.stats.label_tokens == 0:
-        raise DataError(f"{cfg.train_data}: no token to learn ({train.stats.describe()}): the answers lie past "
+        raise DataError(f"train_data {_name(cfg.train_data)}: no token to learn ({train.stats.describe()}): the answers lie past "
                         f"seq_len={cfg.seq_len} or are all masked; raise seq_len or shorten the prompts")
     if cfg.valid_data:
-        valid = pack(load_examples(cfg.valid_data, tokenizer, cfg.template), cfg.seq_len, tokenizer.pad_token_id,
-                     cfg.overlong)
+        valid = _read(cfg, cfg.valid_data, tokenizer, "valid_data", max_rows=max(1, need // 10))
         if len(valid) == 0 or valid.stats.label_tokens == 0:
-            raise DataError(f"{cfg.valid_data}: no validation tokens left to score ({valid.stats.describe()})")
+            raise DataError(f"valid_data {_name(cfg.valid_data)}: no validation tokens left to score "
+                            f"({valid.stats.describe()})")
     else:
         train, valid = _split_valid(train, cfg.valid_fraction, cfg.seed)
         if int((train.labels != -100).sum()) == 0:
-            raise DataError(f"{cfg.train_data}: the examples left for training after holding out "
+            raise DataError(f"train_data {_name(cfg.train_data)}: the examples left for training after holding out "
                             f"valid_fraction={cfg.valid_fraction} have no token to learn; lower valid_fraction")
     return train, valid
 
