@@ -245,6 +245,8 @@ def cmd_serve(a) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {item!r} is not of the form name=DIR")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice ({adapters[name]} and {path}); one name, one adapter")
         adapters[name] = path
     from .serving.engine import Limits
 
@@ -448,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=None, help="base checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--base-name", default="base", help="the base model's name in /v1/models (default: base)")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                    help="an ESFT adapter to serve as model NAME (repeatable); DIR must lie under --adapter-root")
+                    help="an ESFT adapter to serve as model NAME (repeatable). NAME: 1-64 characters, letters, digits, "
+                    "'.', '_', '-', starting with a letter or digit, optionally two such parts joined by one '/' (e.g. "
+                    "sql, team/sql-v2). DIR must lie under --adapter-root. An adapter that cannot be served stops "
+                    "start-up (exit status 2)")
     sp.add_argument("--adapter-root", default=".", help="adapters load only from directories under this one (default: .)")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     sp.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
