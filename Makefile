@@ -8,6 +8,7 @@
 #   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
 #   make report-v2lite    the matched-forgetting comparison on v2lite -> docs/report_v2lite.md
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
+#   make bench-data  data pipeline: tokenization cold vs cached vs streamed (rows/s, tokens/s, peak RSS)
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
 #   make families-table README's family table, from the family tests' results
@@ -93,6 +94,9 @@ report-v2lite: install
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
+
+bench-data: install
+	$(BIN)/python benchmarks/data_pipeline.py
 
 bench-serve: install
 	$(BIN)/python benchmarks/serve_throughput.py

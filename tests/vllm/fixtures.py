@@ -68,7 +68,7 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
 
 
 def build(root: Path, family: str = "qwen3_moe", adapters: tuple[str, ...] = ("a", "b", "c", "big"),
-          merged: tuple[str, ...] = ("a", "b")) -> dict[str, Path]:
+          merged: tuple[str, ...] = ("a", "b", "c")) -> dict[str, Path]:
     """root/base, root/adapters/NAME, root/merged/NAME, root/base_fingerprint.json (cached: built once per root).
 
     Runs in the project's environment (its transformers): vLLM's venv has an older transformers that

@@ -18,7 +18,6 @@ vLLM's worker processes and global state are not meant to be torn down and rebui
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 
@@ -74,7 +73,8 @@ def main(job_path: str, out_path: str) -> None:
         except Exception as e:  # noqa: BLE001 - reported to the test
             results.append({"error": f"{type(e).__name__}: {e}"})
     json.dump({"results": results}, open(out_path, "w"))
-    os._exit(0)  # skip vLLM's slow teardown: the workers end with this process
+    # os._exit alone would orphan the engine-core and worker processes (they outlive this one): shut them down
+    llm.llm_engine.engine_core.shutdown()
 
 
 def _overlap(llm, prompts_reqs, params, name):

@@ -171,11 +171,25 @@ class EsftRoutedExperts(RoutedExperts):
 
     def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
         if self.esft is not None:
-            rows = STATE.token_rows(x.shape[0], x.device)
-            if rows is not None:  # [N]: each token's table row; ids [N, K] -> the rows' experts or slots
-                topk_ids = self.esft_table[rows.unsqueeze(1), topk_ids.long()].to(topk_ids.dtype)
+            # an opaque op: when vLLM compiles the model (torch.compile traces into this method on the CPU),
+            # the per-step token rows must be read when the graph runs, not baked in when it is traced
+            topk_ids = torch.ops.esft.remap_topk_ids(topk_ids, self.esft_table)
         return super().forward_modular(x, topk_weights, topk_ids, shared_experts=shared_experts,
                                        shared_experts_input=shared_experts_input)
+
+
+@torch.library.custom_op("esft::remap_topk_ids", mutates_args=())
+def remap_topk_ids(topk_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """ids [N, K] -> table[row of token n, ids[n, k]] (this step's rows, state.py); a copy of ids when all base."""
+    rows = STATE.token_rows(topk_ids.shape[0], topk_ids.device)
+    if rows is None:
+        return topk_ids.clone()
+    return table[rows.unsqueeze(1), topk_ids.long()].to(topk_ids.dtype)
+
+
+@remap_topk_ids.register_fake
+def _(topk_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(topk_ids)
 
 
 def _unsupported(moe_config, quant_config, expert_map_manager, E: int) -> str | None:
