@@ -304,3 +304,18 @@ def load_tok(tiny_dir):
     from esft.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_dir / "model")
+
+
+def test_packing_the_token_table_equals_packing_examples(tmp_path, tok):
+    from esft.data.packing import pack
+
+    rows = [as_messages(c) for c in CONVS] * 7 + [as_messages([{"role": "user", "content": "long " * 80},
+                                                               {"role": "assistant", "content": "ok"}])]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    res = read_examples(str(tmp_path / "d.jsonl"), tok)
+    for seq_len, overlong, max_rows in ((64, "truncate", None), (64, "drop", None), (40, "truncate", 3)):
+        a = pack(res.table, seq_len, tok.pad_token_id, overlong, max_rows=max_rows)
+        b = pack(res.examples, seq_len, tok.pad_token_id, overlong, max_rows=max_rows)
+        assert all((getattr(a, k) == getattr(b, k)).all() for k in ("input_ids", "labels", "attention_mask"))
+        assert (a.stats.rows, a.stats.tokens, a.stats.truncated, a.stats.dropped) == \
+            (b.stats.rows, b.stats.tokens, b.stats.truncated, b.stats.dropped)

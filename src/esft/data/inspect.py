@@ -70,8 +70,11 @@ def inspect_data(cfg: InspectConfig) -> dict:
     context = config_context(cfg.model)
     seq_len = cfg.seq_len or (min(4096, context) if context else 4096)
     res = read_examples(cfg.data, tok, cfg.template, data_format=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)
-    lengths = [len(e.input_ids) for e in res.examples]
-    learned = [sum(1 for x in e.labels if x != IGNORE) for e in res.examples]
+    t = res.table
+    lengths = t.lengths().tolist()
+    in_loss = (t.labels != IGNORE).cumsum()  # learned tokens per example, from the flat arrays
+    ends = [int(in_loss[o - 1]) if o else 0 for o in t.offsets.tolist()]
+    learned = [b - a for a, b in zip(ends[:-1], ends[1:])]
     ids, labels = encode(convs[k], tok, cfg.template)
     report["tokens"] = {
         "template": cfg.template, "seq_len": seq_len, "context": context,

@@ -47,9 +47,12 @@ class Packed:
 
 
 def pack(examples, seq_len: int, pad_id: int, overlong: str = "truncate", max_rows: int | None = None) -> Packed:
-    """Pack ``examples`` (a list, or any iterable: a stream is consumed only until ``max_rows`` rows are full)."""
+    """Pack ``examples``: a list, any iterable (a stream is consumed only until ``max_rows`` rows are full), or
+    a pipeline TokenTable (packed from its flat arrays, no Python object per token)."""
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if hasattr(examples, "offsets"):
+        return _pack_table(examples, seq_len, pad_id, overlong, max_rows)
     stats = PackStats()
     rows: list[tuple[list[int], list[int]]] = []
     cur_ids: list[int] = []
@@ -84,6 +87,53 @@ def pack(examples, seq_len: int, pad_id: int, overlong: str = "truncate", max_ro
         labels[r, : len(lab)] = torch.tensor(lab)
         mask[r, : len(ids)] = 1
     stats.rows = n
+    stats.tokens = int(mask.sum())
+    stats.label_tokens = int((labels != IGNORE).sum())
+    return Packed(input_ids, labels, mask, stats)
+
+
+def _pack_table(table, seq_len: int, pad_id: int, overlong: str, max_rows: int | None) -> Packed:
+    """The same first-fit-in-order packing as :func:`pack`, planned on lengths alone, then filled by slicing."""
+    lengths = table.lengths().tolist()
+    stats = PackStats()
+    plan: list[list[tuple[int, int]]] = []  # per row: (example, kept length)
+    cur: list[tuple[int, int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if max_rows is not None and len(plan) >= max_rows:
+            break
+        stats.examples += 1
+        if n > seq_len:
+            if overlong == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            n = seq_len
+        if used + n > seq_len:
+            plan.append(cur)
+            cur, used = [], 0
+        cur.append((i, n))
+        used += n
+    if cur and (max_rows is None or len(plan) < max_rows):
+        plan.append(cur)
+    if stats.truncated or stats.dropped:
+        log.warning("%d of %d examples exceed seq_len=%d: %d truncated, %d dropped",
+                    stats.truncated + stats.dropped, stats.examples, seq_len, stats.truncated, stats.dropped)
+    ids_flat, lab_flat = torch.from_numpy(table.ids), torch.from_numpy(table.labels)
+    r = len(plan)
+    input_ids = torch.full((r, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((r, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((r, seq_len), dtype=torch.long)
+    offsets = table.offsets
+    for row, parts in enumerate(plan):
+        at = 0
+        for i, n in parts:
+            a = int(offsets[i])
+            input_ids[row, at:at + n] = ids_flat[a:a + n]
+            labels[row, at:at + n] = lab_flat[a:a + n]
+            at += n
+        mask[row, :at] = 1
+    stats.rows = r
     stats.tokens = int(mask.sum())
     stats.label_tokens = int((labels != IGNORE).sum())
     return Packed(input_ids, labels, mask, stats)

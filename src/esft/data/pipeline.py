@@ -70,10 +70,49 @@ class DataStats:
 
 
 @dataclass
+class TokenTable:
+    """Every example's tokens, concatenated: what packing reads without a Python object per token.
+
+    ids, labels: [T] int64 (all examples back to back); offsets: [N + 1], example i is offsets[i]:offsets[i+1].
+    """
+
+    ids: "np.ndarray"
+    labels: "np.ndarray"
+    offsets: "np.ndarray"
+    source: list[str] = field(default_factory=list)  # per example, the file it came from
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> "np.ndarray":
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def example(self, i: int) -> Example:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Example(self.ids[a:b].tolist(), self.labels[a:b].tolist(), self.source[i] if self.source else "")
+
+    @staticmethod
+    def concat(tables: list["TokenTable"]) -> "TokenTable":
+        import numpy as np
+
+        shift = np.cumsum([0] + [int(t.offsets[-1]) for t in tables[:-1]])
+        return TokenTable(np.concatenate([t.ids for t in tables]), np.concatenate([t.labels for t in tables]),
+                          np.concatenate([[0]] + [t.offsets[1:] + k for t, k in zip(tables, shift)]).astype(np.int64),
+                          [s for t in tables for s in t.source])
+
+
+@dataclass
 class DataResult:
-    examples: list[Example]  # a generator when streaming: rows are read as they are consumed
     stats: DataStats
-    conversations: list[Conversation] | None = None
+    table: TokenTable | None = None  # read whole (the default)
+    stream: object = None  # streaming: a generator of Examples, read as they are consumed
+
+    @property
+    def examples(self):
+        """The examples: the stream when streaming, else a list built from the table (for small data and tests)."""
+        if self.stream is not None:
+            return self.stream
+        return [self.table.example(i) for i in range(len(self.table))]
 
 
 # ---------------------------------------------------------------- reading rows
@@ -242,7 +281,7 @@ def read_examples(spec, tokenizer, template: str = "reference", mask_prompt: boo
                                          skip_bad_rows, num_proc if not streaming else None, streaming), src.weight))
     if streaming:
         return _read_stream(parts, stats, max_examples, seed, what)
-    examples: list[Example] = []
+    tables = []
     for k, (st, ds, weight) in enumerate(parts):
         errors = ds["error"]
         st.rows = len(errors)
@@ -255,14 +294,33 @@ def read_examples(spec, tokenizer, template: str = "reference", mask_prompt: boo
         st.taken = len(take)
         if not take:
             continue
-        rows = ds.select([good[i] for i in take])
-        for batch in rows.iter(batch_size=1024):
-            examples += [Example(ids, lab, st.path) for ids, lab in zip(batch["input_ids"], batch["labels"])]
-    if not examples:
+        rows = [good[i] for i in take]
+        if rows != list(range(len(errors))):  # a subset or repeats: gathered by Arrow, not row by row
+            ds = ds.select(rows).flatten_indices()
+        tables.append(_table(ds, st.path))
+    if not tables:
         raise DataError(f"{what}: no examples left ({stats.describe()})")
     if stats.skipped:
         log.warning("%s: skipped %d bad rows: %s", what, sum(stats.skipped.values()), stats.describe())
-    return DataResult(examples, stats)
+    return DataResult(stats, table=TokenTable.concat(tables))
+
+
+def _table(ds, source: str) -> TokenTable:
+    """A tokenized dataset's two list columns as flat arrays (Arrow buffers, no Python object per token)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = ds.data.table
+    out = {}
+    for name in ("input_ids", "labels"):
+        col = t.column(name).combine_chunks() if t.column(name).num_chunks != 1 else t.column(name).chunk(0)
+        col = col.cast(pa.list_(pa.int64())) if col.type.value_type != pa.int64() else col
+        out[name] = col.flatten().to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenTable(out["input_ids"], out["labels"], offsets, [source] * len(lengths))
 
 
 def _read_stream(parts, stats: DataStats, max_examples: int | None, seed: int, what: str) -> DataResult:
@@ -292,4 +350,4 @@ def _read_stream(parts, stats: DataStats, max_examples: int | None, seed: int, w
         if n == 0:
             raise DataError(f"{what}: no examples left ({stats.describe()})")
 
-    return DataResult(examples(), stats)
+    return DataResult(stats, stream=examples())

@@ -58,7 +58,7 @@ def profile_batches(data_path, tokenizer, seq_len: int, max_tokens: int, batch_s
     ``data_path`` is a data specification (see esft.data.spec); streaming reads only what the budget needs."""
     res = read_examples(data_path, tokenizer, template, data_format=data_format, skip_bad_rows=skip_bad_rows,
                         streaming=streaming, what="--data")
-    packed = pack(res.examples, seq_len, tokenizer.pad_token_id,
+    packed = pack(res.stream if res.stream is not None else res.table, seq_len, tokenizer.pad_token_id,
                   max_rows=2 * -(-max_tokens // seq_len) if streaming else None)
     rows, total = [], 0
     for r in range(len(packed)):

@@ -387,7 +387,7 @@ def _read(cfg: TrainConfig, spec, tokenizer, what: str, max_rows: int | None = N
     res = read_examples(spec, tokenizer, cfg.template, data_format=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows,
                         num_proc=cfg.data_workers if cfg.data_workers > 1 else None, streaming=cfg.streaming,
                         seed=cfg.seed, what=what)
-    packed = pack(res.examples, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong,
+    packed = pack(res.stream if res.stream is not None else res.table, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong,
                   max_rows=max_rows if cfg.streaming else None)
     log.info("%s: %s", what, res.stats.describe())
     return packed
