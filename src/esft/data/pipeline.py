@@ -249,8 +249,10 @@ def _tokenized(ds, f: SourceFile, layout: str, check: bool, src: Source, tokeniz
                   load_from_cache_file=True, desc=f"tokenize {Path(f.path).name}")
 
 
-def _weighted(n: int, weight: float, seed: int) -> list[int]:
+def _weighted(n: int, weight: float, seed: int) -> range | list[int]:
     """Row indices a weight takes: whole repeats, then a fixed random subsample (in order) for the fraction."""
+    if weight == 1:
+        return range(n)
     whole, frac = divmod(weight, 1.0)
     k = round(frac * n)
     part = sorted(random.Random(seed).sample(range(n), k)) if k else []
@@ -281,28 +283,33 @@ def read_examples(spec, tokenizer, template: str = "reference", mask_prompt: boo
                                          skip_bad_rows, num_proc if not streaming else None, streaming), src.weight))
     if streaming:
         return _read_stream(parts, stats, max_examples, seed, what)
+    import numpy as np
+    import pyarrow.compute as pc
+
     tables = []
     for k, (st, ds, weight) in enumerate(parts):
-        errors = ds["error"]
+        # Arrow's own kernels over the error column: no Python object per row on the common (clean) path
+        errors = ds.data.table.column("error")
         st.rows = len(errors)
-        good = [i for i, e in enumerate(errors) if not e]
-        for e in errors:
-            if e:
-                st.skipped += 1
-                stats.skipped[_reason(e)] += 1
-        take = _weighted(len(good), weight, seed + k)
+        bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
+        for i in bad.tolist():
+            st.skipped += 1
+            stats.skipped[_reason(errors[i].as_py())] += 1
+        good = np.setdiff1d(np.arange(st.rows), bad) if len(bad) else None
+        n_good = st.rows - len(bad)
+        take = _weighted(n_good, weight, seed + k)
         st.taken = len(take)
         if not take:
             continue
-        rows = [good[i] for i in take]
-        if rows != list(range(len(errors))):  # a subset or repeats: gathered by Arrow, not row by row
-            ds = ds.select(rows).flatten_indices()
+        if good is not None or weight != 1:  # a subset or repeats: gathered by Arrow, not row by row
+            rows = np.asarray(take) if good is None else good[np.asarray(take)]
+            ds = ds.select(rows.tolist()).flatten_indices()
         tables.append(_table(ds, st.path))
     if not tables:
         raise DataError(f"{what}: no examples left ({stats.describe()})")
     if stats.skipped:
         log.warning("%s: skipped %d bad rows: %s", what, sum(stats.skipped.values()), stats.describe())
-    return DataResult(stats, table=TokenTable.concat(tables))
+    return DataResult(stats, table=tables[0] if len(tables) == 1 else TokenTable.concat(tables))
 
 
 def _table(ds, source: str) -> TokenTable:
