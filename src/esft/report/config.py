@@ -15,6 +15,49 @@ def _f(default, help_: str, factory=None):
 
 DEFAULT_REPORT, DEFAULT_WORK_DIR = "docs/report.md", "runs/report"
 ADAPTATION_TASKS = ["intent_json", "translate_synth", "word_problems", "verdict_json"]
+USER_TASK_KEYS = ("name", "train", "valid", "eval", "metric")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a task name is a directory name of its runs and selections
+
+
+def check_user_tasks(user_tasks) -> list[dict]:
+    """``user_tasks`` checked without reading any data: each a mapping of USER_TASK_KEYS, its name unique and
+    no suite task's, its data specifications well formed, its metric a local one. Returns them normalized
+    ({name, train, valid (None: held out of train), eval, metric})."""
+    from ..data.spec import parse_spec
+    from ..tasks import METRICS, task_names
+
+    if not isinstance(user_tasks, list):
+        raise ValueError(f"user_tasks must be a list of mappings {{name, train, valid, eval, metric}}, got {user_tasks!r}")
+    out, seen = [], set()
+    for i, u in enumerate(user_tasks):
+        where = f"user_tasks[{i}]"
+        if not isinstance(u, dict):
+            raise ValueError(f"{where} must be a mapping {{name, train, valid, eval, metric}}, got {u!r}")
+        unknown = sorted(set(u) - set(USER_TASK_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {list(USER_TASK_KEYS)}")
+        missing = [k for k in ("name", "train", "eval", "metric") if u.get(k) in (None, "", [])]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)} (a user task needs name, train, eval and metric; "
+                             "valid is optional)")
+        name = u["name"]
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"{where}: name must be letters, digits, '_', '-' or '.' (it names the task's run "
+                             f"directories), got {name!r}")
+        where = f"user_tasks[{i}] ({name})"
+        if name in task_names():
+            raise ValueError(f"{where}: {name!r} is a suite task's name; give the user task another name")
+        if name in seen:
+            raise ValueError(f"{where}: two user tasks are named {name!r}; names must be unique")
+        seen.add(name)
+        if u["metric"] not in METRICS:
+            raise ValueError(f"{where}: unknown metric {u['metric']!r}; known: {', '.join(sorted(METRICS))}")
+        for k in ("train", "valid", "eval"):
+            if u.get(k) is not None:
+                parse_spec(u[k], None, f"{where}.{k}")  # DataError (a ValueError) naming the field
+        out.append({"name": name, "train": u["train"], "valid": u.get("valid"), "eval": u["eval"],
+                    "metric": u["metric"]})
+    return out
 
 
 @dataclass
@@ -25,7 +68,16 @@ class ReportConfig:
     work_dir: str = _f(DEFAULT_WORK_DIR, "run directories and the result cache (a rerun reuses finished runs); "
                                          "with another model: runs/report_<model name>")
     model: str | None = _f(None, "base checkpoint directory, or a shipped model: small (default), v2lite")
-    tasks: list[str] = _f(None, "adaptation tasks to compare on", lambda: list(ADAPTATION_TASKS))
+    tasks: list[str] = _f(None, "the suite's adaptation tasks to compare on ([] with user_tasks: only the user's)",
+                          lambda: list(ADAPTATION_TASKS))
+    user_tasks: list[dict] = _f(None, "your own tasks, each {name, train, valid, eval, metric}: train/valid/eval are data "
+                                      "specifications (a path, glob, folder, save_to_disk folder, YAML file of sources "
+                                      "or a list of sources, any layout; valid optional: else the training recipe's "
+                                      "valid_fraction of train is held out), metric one of exact_match, intent_json, "
+                                      "json_match, numeric, chrf; each is profiled, trained and scored like a suite "
+                                      "task (prompt = the conversation up to its last assistant turn, reference = "
+                                      "that turn or the row's answers, at most n_eval rows, as `esft eval --data`)",
+                                list)
     seeds: int = _f(3, "training seeds per method and task (mean +- std over them)")
     steps: int = _f(100, "optimizer steps per run (the same budget for every method)")
     batch_size: int = _f(8, "packed rows per step")
@@ -78,6 +130,12 @@ class ReportConfig:
             self.eval_every = min(self.eval_every, max(self.steps // 2, 1))
         from ..tasks import get_task
 
+        if not self.tasks and not self.user_tasks:
+            raise ValueError("no tasks: name suite tasks (tasks=[...]) or your own (user_tasks=[{name, train, eval, "
+                             "metric}])")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks names a task twice: {self.tasks}")
+        self.user_tasks = check_user_tasks(self.user_tasks)
         for t in self.tasks:
             if get_task(t).kind != "adaptation":  # unknown names raise with the list of tasks
                 raise ValueError(f"{t!r} is a general domain, not an adaptation task")
@@ -87,3 +145,11 @@ class ReportConfig:
             raise ValueError(f"budgets are forgetting in points and must be >= 0, got {self.budgets}")
         if self.seeds < 1 or self.steps < 1 or self.workers < 0:
             raise ValueError("seeds and steps must be >= 1, workers >= 0")
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """The suite's tasks, then the user's: every task the report compares on."""
+        return list(self.tasks) + [u["name"] for u in self.user_tasks]
+
+    def user_task(self, name: str) -> dict | None:
+        return next((u for u in self.user_tasks if u["name"] == name), None)

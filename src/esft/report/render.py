@@ -145,7 +145,8 @@ def write_report(state: dict, path) -> None:
     path = Path(path)
     stem = path.with_suffix("")
     cfg, lr = state["config"], state["lr"]
-    tasks = cfg["tasks"]
+    tasks = state.get("tasks") or cfg["tasks"]  # the suite's, then the user's (states before user tasks: suite only)
+    users = {u["name"]: u for u in cfg.get("user_tasks") or []}
     # every seed trains at the validation-loss LRs only when the paper's layout was run (run.py); otherwise the
     # other seeds exist only where that LR is on a frontier, and mixing them in would average unlike things
     all_seeds = not state["sweep"] or bool(cfg.get("extended") or cfg.get("ablations") or cfg.get("p_sweep"))
@@ -170,8 +171,9 @@ def write_report(state: dict, path) -> None:
          "",
          f"**Setup.** Model: {model_name}, a DeepSeek-V2-style MoE "
          f"({len(layers)} MoE layers x {E} routed experts, top-{any_prof['top_k']}). Tasks: {', '.join(tasks)} "
-         f"(the suite's adaptation tasks; scored on {cfg['n_eval']} held-out examples with each task's local "
-         f"metric). General ability: mean score over the {len(state['base_per_domain'])} general domains ({cfg['n_general']} examples each), "
+         + (f"(the suite's adaptation tasks; scored on {cfg['n_eval']} held-out examples with each task's local "
+            f"metric). " if not users else _user_setup(tasks, users, cfg["n_eval"]))
+         + f"General ability: mean score over the {len(state['base_per_domain'])} general domains ({cfg['n_general']} examples each), "
          "which no run trains on. Every method gets the same data and budget: "
          f"{cfg['steps']} steps x {cfg['batch_size']} packed rows x {cfg['seq_len']} tokens "
          f"({tokens_per_step * cfg['steps'] / 1e3:.0f}k tokens), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
@@ -322,6 +324,26 @@ def run_devices(state: dict) -> str:
     if not gpus:
         return f"{state['cpu_count']} CPU cores" + ("" if dtype in ("auto", "float32", "fp32") else f", {dtype}")
     return f"GPU {' / '.join(gpus)}, {'bf16 (auto)' if dtype == 'auto' else dtype}; {state['cpu_count']} CPU cores"
+
+
+def _spec_text(spec) -> str:
+    if isinstance(spec, list):
+        return ", ".join(_spec_text(x) for x in spec)
+    if isinstance(spec, dict):
+        return str(spec.get("path")) + (f" ({spec['format']})" if spec.get("format") else "")
+    return str(spec)
+
+
+def _user_setup(tasks: list[str], users: dict, n_eval: int) -> str:
+    """The setup sentence's description of the tasks when some are the user's."""
+    suite = [t for t in tasks if t not in users]
+    text = (f"({', '.join(suite)}: the suite's adaptation tasks, scored on {n_eval} held-out examples with each task's "
+            "local metric; " if suite else "(")
+    text += "; ".join(f"{n}: the user's data, trained on `{_spec_text(u['train'])}`, validated on "
+                      + (f"`{_spec_text(u['valid'])}`" if u.get("valid") is not None else "a held-out share of it")
+                      + f", scored on at most {n_eval} rows of `{_spec_text(u['eval'])}` with {u['metric']}"
+                      for n, u in users.items())
+    return text + "). "
 
 
 def matched_forgetting(state: dict, tasks: list[str]) -> dict:

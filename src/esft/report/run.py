@@ -53,9 +53,11 @@ class Runner:
     def job(self, run: Run) -> dict:
         v = variant_by_name(run.variant, self.cfg.p_sweep)
         cfg = self.cfg
+        data = self.data[run.task]
+        spec = lambda s: str(s) if isinstance(s, Path) else s  # noqa: E731 - a suite file, or a user's specification
         train = dict(
-            model=self.model_dir, train_data=str(self.data[run.task]["train"]),
-            valid_data=str(self.data[run.task]["valid"]), output_dir=str(self.work / "runs" / run.key),
+            model=self.model_dir, train_data=spec(data["train"]),
+            valid_data=spec(data["valid"]), output_dir=str(self.work / "runs" / run.key),
             method=v.method, expert_config=self.selections.get((run.task, run.variant, run.seed)),
             seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=run.lr, eval_every=cfg.eval_every,
             save_every=0, keep_checkpoints=1, log_every=10, dtype=cfg.dtype, device=cfg.device, seed=run.seed,
@@ -63,14 +65,18 @@ class Runner:
         )
         # what the result depends on beyond the settings: the files' contents and the base weights
         inputs = {"model": self.model_fingerprint,
-                  **{k: self._content(train[k]) for k in ("train_data", "valid_data", "expert_config")}}
-        job = {"run": run.as_dict(), "train": train, "inputs": inputs,
-               "eval": {"n_eval": cfg.n_eval, "n_general": cfg.n_general, "data_seed": 0}}
+                  **{k: self._content(train[k]) for k in ("train_data", "valid_data")},
+                  "expert_config": self._file(train["expert_config"])}
+        ev = {"n_eval": cfg.n_eval, "n_general": cfg.n_general, "data_seed": 0}
+        if "metric" in data:  # a user task: scored on its eval data with its metric (suite tasks' jobs unchanged)
+            ev.update(metric=data["metric"], data=data["eval"])
+            inputs["eval_data"] = self._content(data["eval"])
+        job = {"run": run.as_dict(), "train": train, "inputs": inputs, "eval": ev}
         job["job_id"] = _job_id(job)  # the cache key: a result is reused only for the same settings
         job["threads"] = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else None
         return job
 
-    def _content(self, path: str | None) -> str | None:
+    def _file(self, path: str | None) -> str | None:
         import hashlib
 
         if path is None or not Path(path).is_file():
@@ -78,6 +84,26 @@ class Runner:
         if path not in self._sha:
             self._sha[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
         return self._sha[path]
+
+    def _content(self, spec) -> str | None:
+        """The contents of a data specification: one file's SHA-256 (what every earlier report hashed, so
+        their cached runs stay valid), else training's hash over the specification and every file it reads
+        (a list of sources, a glob, a folder, a YAML file of sources). None when nothing can be read: the
+        run itself then fails, under its key."""
+        from ..io import DataError
+        from ..training.recipe import _sha256
+
+        if spec is None:
+            return None
+        if isinstance(spec, (str, Path)) and Path(spec).is_file() and not str(spec).endswith((".yaml", ".yml")):
+            return self._file(str(spec))
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._sha:
+            try:
+                self._sha[key] = _sha256(spec)[:16]
+            except (DataError, OSError):
+                return None
+        return self._sha[key]
 
     def cached(self, job: dict) -> dict | None:
         path = Path(job["train"]["output_dir"]) / "result.json"
@@ -149,6 +175,8 @@ def _job_id(job: dict) -> str:
 
     paths = ("train_data", "valid_data", "expert_config", "output_dir") + (("model",) if job["inputs"]["model"] else ())
     keyed = {**job, "train": {k: v for k, v in job["train"].items() if k not in paths}}
+    if "data" in job["eval"]:  # a user task's eval data: its contents are in inputs["eval_data"]
+        keyed["eval"] = {k: v for k, v in job["eval"].items() if k != "data"}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -170,6 +198,30 @@ def read_ledger(path: Path) -> dict[str, dict]:
     return data
 
 
+def user_task_data(cfg: ReportConfig) -> dict[str, dict]:
+    """Each user task's data, every row of it read and converted now (before any model loads): a bad row,
+    an undetectable layout or eval rows without a reference stop the report here, naming the task, the file
+    and the row. Returns {name: {train, valid, eval, metric}} (specifications as given)."""
+    from ..data.pipeline import iter_conversations
+    from ..eval.run import read_eval_rows
+    from ..io import DataError
+
+    out = {}
+    for u in cfg.user_tasks:
+        name = u["name"]
+        try:
+            for k in ("train", "valid"):
+                if u[k] is not None and sum(1 for _ in iter_conversations(u[k], what=f"{name}.{k}")) == 0:
+                    raise DataError(f"{k}: no examples (the data is empty)")
+            prompts, _, _ = read_eval_rows(u["eval"], cfg.n_eval)
+        except DataError as e:
+            raise DataError(f"user task {name}: {e}") from None
+        if len(prompts) < cfg.n_eval:
+            log.info("user task %s: %d eval rows (fewer than n_eval=%d): all are scored", name, len(prompts), cfg.n_eval)
+        out[name] = {k: u[k] for k in ("train", "valid", "eval", "metric")}
+    return out
+
+
 def prepare(cfg: ReportConfig, progress: bool) -> dict:
     """Data, base-model scores, routing profiles and every expert selection the runs need."""
     from ..embedded import resolve_model
@@ -180,18 +232,25 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
     from ..selection.select import SelectConfig, expert_config, select_experts
     from ..tasks import write_suite
     from .plan import ABLATIONS, p_variant
+    from .worker import evaluate_user_task
 
     work = Path(cfg.work_dir)
     model_dir = str(resolve_model(cfg.model))
-    data = write_suite(work / "data", cfg.n_train, cfg.n_valid, 1, seed=0, tasks=cfg.tasks)
+    data = user_task_data(cfg)  # the user's data is read and checked before the model loads
+    if cfg.tasks:
+        data = {**write_suite(work / "data", cfg.n_train, cfg.n_valid, 1, seed=0, tasks=cfg.tasks), **data}
     model, tok = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     base = {t: evaluate_task(model, tok, t, cfg.n_eval, 0).score for t in cfg.tasks}
+    for u in cfg.user_tasks:
+        base[u["name"]] = evaluate_user_task(model, tok, u["name"], u["eval"], u["metric"], cfg.n_eval).score
     base_general, base_per_domain = general_ability(model, tok, cfg.n_general, 0)
     profiles, selections, selected = {}, {}, {"token": {}, "gate": {}}
     variants = [v for v in MAIN + (ABLATIONS if cfg.ablations else []) + [p_variant(p) for p in cfg.p_sweep]
                 if v.method == "esft"]
-    for t in cfg.tasks:
-        prof = run_profile(ProfileConfig(data=str(data[t]["train"]), out=str(work / "profiles" / f"{t}.json"),
+    for t in cfg.all_tasks:
+        train = data[t]["train"]
+        prof = run_profile(ProfileConfig(data=str(train) if isinstance(train, Path) else train,
+                                         out=str(work / "profiles" / f"{t}.json"),
                                          max_tokens=cfg.profile_tokens, seq_len=cfg.seq_len, batch_size=8),
                            model=model, tokenizer=tok, progress=progress)
         profiles[t] = prof
@@ -242,27 +301,28 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
     prep = prepare(cfg, progress)
     runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress, prep["model_fingerprint"])
     lr = {"esft": cfg.lr_esft, "full": cfg.lr_full, "lora": cfg.lr_lora}
+    tasks = cfg.all_tasks  # the suite's, then the user's
     sweep, sweep_results, support = {}, [], {}
     if cfg.sweep:
         grids = {"esft": cfg.sweep_esft, "full": cfg.sweep_full, "lora": cfg.sweep_lora}
-        sweep_results = runner.execute(sweep_runs(cfg.tasks, grids), "LR grid (seed 0)")
+        sweep_results = runner.execute(sweep_runs(tasks, grids), "LR grid (seed 0)")
         for fam, grid in grids.items():
             losses = {g: {r["task"]: (r["best_valid_loss"] if r["best_valid_loss"] is not None else float("inf"))
                           for r in sweep_results if r["variant"] == SWEPT[fam] and r["lr"] == g} for g in grid}
             lr[fam], rel = choose_lr(losses)
             sweep[fam] = {"chosen": lr[fam], "relative_loss": rel}
-            for t in cfg.tasks:  # the LRs that make seed 0's frontier: they get the other seeds
+            for t in tasks:  # the LRs that make seed 0's frontier: they get the other seeds
                 support[(fam, t)] = frontier_lrs(sweep_results, SWEPT[fam], t, prep["base"][t], prep["base_general"],
                                                  cfg.budgets)
     runs = frontier_seed_runs(support, cfg.seeds)
     if cfg.extended or cfg.ablations or cfg.p_sweep or not cfg.sweep:  # the paper's layout at the validation-loss LRs, every variant, every seed
-        runs += report_runs(cfg.tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep)
+        runs += report_runs(tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep)
     results = runner.execute(runs, "seeds at the frontier" + (" and the chosen LRs" if cfg.extended else "")
                              if cfg.sweep else "runs")
     keys = {r["key"] for r in results}
     results += [r for r in sweep_results if r["key"] not in keys]
     state = {
-        "config": asdict(cfg), "command": command, "lr": lr, "sweep": sweep, "results": results,
+        "config": asdict(cfg), "command": command, "tasks": tasks, "lr": lr, "sweep": sweep, "results": results,
         "frontier_lrs": {f"{fam}/{t}": lrs for (fam, t), lrs in support.items()},
         "base": prep["base"], "base_general": prep["base_general"], "base_per_domain": prep["base_per_domain"],
         "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,

@@ -31,12 +31,36 @@ def peak_memory_bytes(device: str) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak process RSS"
 
 
+def evaluate_user_task(model, tokenizer, name: str, data, metric: str, n: int, batch_size: int = 50,
+                       max_new_tokens: int = 48):
+    """A user task's score on at most ``n`` rows of its eval data specification, as `esft eval --data` scores
+    it: prompt = the conversation up to its last assistant turn (reference template, as the report trains),
+    reference = that turn or the row's answers (eval.run.read_eval_rows); greedy decoding; ``metric``."""
+    from ..eval.generate import TaskResult, generate
+    from ..eval.run import read_eval_rows
+    from ..tasks import METRICS
+
+    prompts, refs, _ = read_eval_rows(data, n)
+    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return TaskResult(name, float(METRICS[metric](preds, refs)), len(prompts), preds, refs, prompts)
+
+
+def task_result(model, tokenizer, task: str, ev: dict):
+    """The task score of ``model``: a suite task's eval split, or a user task's eval data (``ev`` names its
+    ``data`` and ``metric``)."""
+    from ..eval.generate import evaluate_task
+
+    if "metric" in ev:
+        return evaluate_user_task(model, tokenizer, task, ev["data"], ev["metric"], ev["n_eval"])
+    return evaluate_task(model, tokenizer, task, ev["n_eval"], ev["data_seed"])
+
+
 def execute(job: dict) -> dict:
     """``job``: {"run": Run.as_dict(), "train": TrainConfig kwargs, "eval": {...}, "threads": int,
     "cleanup": bool}. Writes ``<output_dir>/result.json`` atomically and returns it."""
     import torch
 
-    from ..eval.generate import evaluate_task, general_ability
+    from ..eval.generate import general_ability
     from ..eval.run import load_for_eval
     from ..io import write_json_atomic
     from ..training.config import TrainConfig
@@ -66,7 +90,7 @@ def execute(job: dict) -> dict:
     else:
         model, tok, _ = load_for_eval(cfg.model, str(best), dtype=cfg.dtype, device=cfg.device)
     ev = job["eval"]
-    task = evaluate_task(model, tok, job["run"]["task"], ev["n_eval"], ev["data_seed"])
+    task = task_result(model, tok, job["run"]["task"], ev)
     general, per_domain = general_ability(model, tok, ev["n_general"], ev["data_seed"])
     eval_s = time.perf_counter() - t0
 
