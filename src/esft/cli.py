@@ -90,7 +90,7 @@ def cmd_train(a) -> int:
         ["optimizer state (fp32)", f"{res.optimizer_state_bytes / 2**20:.2f} MiB"],
         ["fp32 master weights", f"{res.master_weight_bytes / 2**20:.2f} MiB" if res.master_weight_bytes
          else "none (the model is fp32)"],
-        ["wall time", f"{res.seconds:.1f} s"], ["output", res.output_dir],
+        ["data", res.data or "-"], ["wall time", f"{res.seconds:.1f} s"], ["output", res.output_dir],
         ["adapter", res.adapter_dir or "-"],
     ])
     return 0

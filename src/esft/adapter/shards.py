@@ -100,6 +100,11 @@ def read_shard(path: str | os.PathLike) -> Shard:
             raise CheckpointError(f"{path}: damaged safetensors header ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start, data_size = 8 + n, size - 8 - n
+    ends = [h["data_offsets"][1] for h in header.values() if isinstance(h, dict)
+            and isinstance(h.get("data_offsets"), list) and len(h["data_offsets"]) == 2]
+    if ends and isinstance(max(ends), int) and max(ends) > data_size:  # a copy cut short
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its header describes {data_start + max(ends)}); "
+                              "copy it again")
     tensors = []
     for key, h in header.items():
         try:

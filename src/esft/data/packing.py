@@ -119,7 +119,10 @@ def _pack_table(table, seq_len: int, pad_id: int, overlong: str, max_rows: int |
     if stats.truncated or stats.dropped:
         log.warning("%d of %d examples exceed seq_len=%d: %d truncated, %d dropped",
                     stats.truncated + stats.dropped, stats.examples, seq_len, stats.truncated, stats.dropped)
-    ids_flat, lab_flat = torch.from_numpy(table.ids), torch.from_numpy(table.labels)
+    import numpy as np
+
+    # Arrow hands out read-only buffers; torch wants writable ones (copied only if they are not)
+    ids_flat, lab_flat = (torch.from_numpy(np.require(a, requirements="W")) for a in (table.ids, table.labels))
     r = len(plan)
     input_ids = torch.full((r, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((r, seq_len), IGNORE, dtype=torch.long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..io import DataError, write_json_atomic
 from ..models.loading import config_context, input_device, load_model, load_tokenizer
 from ..training.distributed import DistributedConfig, join
 from .profiler import RoutingProfile, profile_routing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,8 @@ def profile_batches(data_path, tokenizer, seq_len: int, max_tokens: int, batch_s
     ``data_path`` is a data specification (see esft.data.spec); streaming reads only what the budget needs."""
     res = read_examples(data_path, tokenizer, template, data_format=data_format, skip_bad_rows=skip_bad_rows,
                         streaming=streaming, what="--data")
+    if res.stats.skipped:
+        log.warning("--data: skipped %d bad rows: %s", sum(res.stats.skipped.values()), res.stats.describe())
     packed = pack(res.stream if res.stream is not None else res.table, seq_len, tokenizer.pad_token_id,
                   max_rows=2 * -(-max_tokens // seq_len) if streaming else None)
     rows, total = [], 0

@@ -62,6 +62,7 @@ class TrainResult:
     master_weight_bytes: int = 0  # fp32 masters kept beside low-precision trainable tensors
     step_seconds: float | None = None  # median wall time of one optimizer step (forward to AdamW)
     best_dir: str | None = None  # what to evaluate: best-by-validation adapter (esft, lora) or checkpoint (full)
+    data: str = ""  # what was read: examples per source and layout, rows skipped by reason
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -390,6 +391,7 @@ def _read(cfg: TrainConfig, spec, tokenizer, what: str, max_rows: int | None = N
     packed = pack(res.stream if res.stream is not None else res.table, cfg.seq_len, tokenizer.pad_token_id, cfg.overlong,
                   max_rows=max_rows if cfg.streaming else None)
     log.info("%s: %s", what, res.stats.describe())
+    packed.data_stats = res.stats  # per source: layout, rows, skipped rows by reason (the summary shows them)
     return packed
 
 
@@ -411,7 +413,9 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[Packed, Packed | None]:
             raise DataError(f"valid_data {_name(cfg.valid_data)}: no validation tokens left to score "
                             f"({valid.stats.describe()})")
     else:
+        stats = train.data_stats
         train, valid = _split_valid(train, cfg.valid_fraction, cfg.seed)
+        train.data_stats = stats
         if int((train.labels != -100).sum()) == 0:
             raise DataError(f"train_data {_name(cfg.train_data)}: the examples left for training after holding out "
                             f"valid_fraction={cfg.valid_fraction} have no token to learn; lower valid_fraction")
@@ -665,4 +669,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         adapter_dir=adapter_dir,
         master_weight_bytes=masters.master_bytes() + sharded_master_bytes,
         best_dir=adapter_dir if cfg.method != "full" else str(out / ("best" if (out / "best").exists() else "last")),
+        data=data_summary(train_data, valid_data),
     )
+
+
+def data_summary(train: Packed, valid: Packed | None) -> str:
+    """One line for the summary table: the data read, with every skipped row counted (nothing dropped silently)."""
+    parts = []
+    for name, packed in (("train", train), ("valid", valid)):
+        st = getattr(packed, "data_stats", None)
+        if st is None:
+            continue
+        skipped = sum(st.skipped.values())
+        layouts = sorted({s.layout for s in st.sources})
+        parts.append(f"{name}: {st.examples} examples ({', '.join(layouts)})"
+                     + (f", {skipped} rows skipped: " + "; ".join(f"{n} x {r}" for r, n in st.skipped.most_common(3))
+                        if skipped else ""))
+    return " | ".join(parts)
