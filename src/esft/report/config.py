@@ -50,12 +50,13 @@ def check_user_tasks(user_tasks) -> list[dict]:
         if name in seen:
             raise ValueError(f"{where}: two user tasks are named {name!r}; names must be unique")
         seen.add(name)
-        if u["metric"] not in METRICS:
+        if not isinstance(u["metric"], str) or u["metric"] not in METRICS:
             raise ValueError(f"{where}: unknown metric {u['metric']!r}; known: {', '.join(sorted(METRICS))}")
         for k in ("train", "valid", "eval"):
             if u.get(k) is not None:
                 parse_spec(u[k], None, f"{where}.{k}")  # DataError (a ValueError) naming the field
-        out.append({"name": name, "train": u["train"], "valid": u.get("valid"), "eval": u["eval"],
+        spec = lambda v: str(v) if isinstance(v, Path) else v  # noqa: E731 - kept as given, a Path as its string
+        out.append({"name": name, "train": spec(u["train"]), "valid": spec(u.get("valid")), "eval": spec(u["eval"]),
                     "metric": u["metric"]})
     return out
 
