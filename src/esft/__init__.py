@@ -6,7 +6,19 @@ The Python API mirrors the CLI's steps (imported lazily, so ``import esft`` is c
     from esft import save_adapter, read_adapter, attach_adapter, merge_adapter, merge_to_checkpoint
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # keep equal to pyproject.toml's [project] version
+
+
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata); ``__version__`` when esft runs from a
+    source tree that was never installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("esft")
+    except PackageNotFoundError:
+        return __version__
+
 
 _API = {
     "load_model": "esft.models.loading",

@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Expert-Specialized Fine-Tuning for Mixture-of-Experts LLMs: profile how a task's tokens are "
         "routed, select the task's experts, train only those, save/merge a small expert adapter."))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from . import package_version
+
+    p.add_argument("--version", action="version", version=f"esft {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_options(sp):
@@ -587,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "distributed layout (frozen model and ESFT's trainable experts both sharded 1/N), say "
                         "whether it fits and the fewest GPUs that do. The model is built on the meta device.")
     sp.add_argument("--model", required=True, help="checkpoint directory (only config.json is read), or a published "
-                    "config: deepseek-v2-lite, deepseek-v2, deepseek-v3")
+                    "config: deepseek-v2-lite, deepseek-v2, deepseek-v3, qwen3-30b-a3b, gpt-oss-20b, gpt-oss-120b, "
+                    "glm-4.5-air, qwen3.5-35b-a3b")
     sp.add_argument("--gpus", type=int, default=8, help="number of GPUs = processes (default: 8)")
     sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
     sp.add_argument("--fsdp-size", type=int, default=0, help="FSDP2 shard group size (default: all GPUs, the only "

