@@ -33,3 +33,11 @@ def tiny_dir(tmp_path_factory):
     write_jsonl(toy_task(120, seed=0), root / "train.jsonl")
     write_jsonl(toy_task(16, seed=1), root / "valid.jsonl")
     return root
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory):
+    """One folder for the checkpoints of every vLLM plugin test (tests/vllm_plugin/fixtures.py builds each family
+    once). Here, not in tests/vllm_plugin/conftest.py: a second conftest module would shadow this one for the
+    tests that import build_tiny from it."""
+    return tmp_path_factory.mktemp("vllm")
