@@ -41,3 +41,22 @@ def tmp_root(tmp_path_factory):
     once). Here, not in tests/vllm_plugin/conftest.py: a second conftest module would shadow this one for the
     tests that import build_tiny from it."""
     return tmp_path_factory.mktemp("vllm")
+
+
+def make_adapter(tiny_dir, out, sel, seed):
+    """An ESFT adapter of the tiny checkpoint: experts ``sel`` {layer: [ids]} moved by seeded noise (a visible
+    change in every selected expert), saved to ``out``."""
+    from esft.adapter.fingerprint import model_fingerprint
+    from esft.adapter.io import save_adapter
+    from esft.models.loading import load_model
+    from esft.training.experts import apply_esft
+
+    model, _ = load_model(tiny_dir / "model")
+    fp = model_fingerprint(model)
+    plan = apply_esft(model, {"experts": sel})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in plan.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(plan, out, fp)
+    return out

@@ -16,13 +16,11 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from esft.adapter.fingerprint import model_fingerprint  # noqa: E402
-from esft.adapter.io import save_adapter  # noqa: E402
 from esft.models.loading import load_model  # noqa: E402
 from esft.serving.engine import Engine, GenParams, Limits, RequestError  # noqa: E402
 from esft.serving.server import (BackgroundServer, ServeConfig, ServeConfigError, StartupError,  # noqa: E402
                                  build_app, check_bindable, serve, start_engine)
-from esft.training.experts import apply_esft  # noqa: E402
+from conftest import make_adapter  # noqa: E402
 
 SEL_A = {1: [2, 7], 2: [0, 11]}
 SEL_P = {1: [0, 1, 3, 4, 5, 6], 2: [1, 2, 3, 4, 5, 6]}  # many experts: every prompt routes through some
@@ -30,16 +28,6 @@ PROMPTS = ["the cat sat on the mat", "one two three four", "hello world, this is
            "x"]
 
 
-def _adapter(tiny_dir, out, sel, seed):
-    model, _ = load_model(tiny_dir / "model")
-    fp = model_fingerprint(model)
-    plan = apply_esft(model, {"experts": sel})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in plan.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    save_adapter(plan, out, fp)
-    return out
 
 
 def _strict_json(raw: bytes):
@@ -76,8 +64,8 @@ def _sse(raw: bytes) -> list:
 @pytest.fixture(scope="module")
 def srv(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
-    _adapter(tiny_dir, root / "A", SEL_A, 1)
-    _adapter(tiny_dir, root / "P", SEL_P, 2)
+    make_adapter(tiny_dir, root / "A", SEL_A, 1)
+    make_adapter(tiny_dir, root / "P", SEL_P, 2)
     cfg = ServeConfig(model=str(tiny_dir / "model"), adapters={"a": "A"}, adapter_root=str(root), admin_token="adm1n",
                       device="cpu", dtype="float32", max_batch=16, max_adapter_experts=12,
                       limits=Limits(max_tokens=64))

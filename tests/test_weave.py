@@ -11,27 +11,18 @@ from esft.overlay import ExpertOverlay
 from esft.serving.loadmem import allocation_peak
 from esft.serving.weave import Weaver, storage_bytes
 from esft.training.experts import apply_esft
+from conftest import make_adapter
 
 SEL_A = {1: [2, 7], 2: [0, 11, 4]}
 SEL_B = {1: [7, 3], 2: [5]}  # shares layer 1 expert 7 with A, with other weights
 
 
-def _adapter(tiny_dir, out, sel, seed):
-    model, _ = load_model(tiny_dir / "model")
-    fp = model_fingerprint(model)
-    plan = apply_esft(model, {"experts": sel})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in plan.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # a visible change in every selected expert
-    save_adapter(plan, out, fp)
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("weave")
-    return {"A": _adapter(tiny_dir, root / "A", SEL_A, 1), "B": _adapter(tiny_dir, root / "B", SEL_B, 2)}
+    return {"A": make_adapter(tiny_dir, root / "A", SEL_A, 1), "B": make_adapter(tiny_dir, root / "B", SEL_B, 2)}
 
 
 def _alone(tiny_dir, adapter_dir):

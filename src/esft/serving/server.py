@@ -39,7 +39,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' (string) annotations here
 
+from ..adapter.paths import resolve_adapter_dir
 from .engine import SCHEDULERS, Engine, GenParams, Limits, QueueFull, RequestError
 from .openai_format import Choices, metrics_text
 from .schema import (BadBody, ChatRequest, CompletionRequest, LoadAdapter, check_name, openapi_bodies, parse_body,
@@ -134,33 +134,14 @@ class StartupError(ValueError):
     """An adapter given at start-up cannot be served: the server stops before it listens."""
 
 
-class AdapterPathError(ValueError):
-    pass
-
-
 class BodyTooLarge(ValueError):
     pass
 
 
 def resolve_under(root: str | Path, path: str | Path) -> Path:
-    """``path`` (relative to ``root`` or absolute) if it lies inside ``root`` after resolving links, and no
-    link inside it leads out of ``root`` (reading it must not read files elsewhere); else refuse."""
-    root_r = Path(root).resolve()
-    p = Path(path)
-    full = (p if p.is_absolute() else root_r / p).resolve()
-    if full != root_r and root_r not in full.parents:
-        raise AdapterPathError(f"adapter path {str(path)!r} is outside the adapter root {str(root_r)!r}")
-    if not full.is_dir():
-        raise AdapterPathError(f"adapter path {str(path)!r} is not a directory")
-    for here, dirs, files in os.walk(full):  # links are listed, never followed
-        for name in dirs + files:
-            entry = Path(here) / name
-            if entry.is_symlink():
-                target = entry.resolve()
-                if target != root_r and root_r not in target.parents:
-                    raise AdapterPathError(f"{entry.relative_to(full)} in adapter path {str(path)!r} is a link to "
-                                           f"{str(target)!r}, outside the adapter root {str(root_r)!r}")
-    return full
+    """``path`` (relative to ``root`` or absolute) if it lies inside ``root`` and no link inside it leads out
+    of ``root`` (see esft.adapter.paths); else AdapterPathError."""
+    return resolve_adapter_dir(path, root)
 
 
 def build_app(engine: Engine, cfg: ServeConfig):

@@ -14,12 +14,13 @@ the worker still uses them (requests in flight finish on the weights they starte
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..adapter.paths import AdapterPathError, resolve_adapter_dir
 
 log = logging.getLogger("esft.vllm_plugin")
 
@@ -43,23 +44,12 @@ class Loaded:
 
 
 def check_links(path: Path, root: Path | None) -> Path:
-    """``path`` resolved; refuse a path outside ``root`` (if given) and any link inside it that leads out of it."""
-    full = path.resolve()
-    if root is not None:
-        r = root.resolve()
-        if full != r and r not in full.parents:
-            raise EsftAdapterError(f"adapter path {str(path)!r} is outside the adapter root {str(r)!r}")
-    if not full.is_dir():
-        raise EsftAdapterError(f"adapter path {str(path)!r} is not a directory")
-    for here, dirs, files in os.walk(full):  # links are listed, never followed
-        for n in dirs + files:
-            entry = Path(here) / n
-            if entry.is_symlink():
-                target = entry.resolve()
-                if target != full and full not in target.parents:
-                    raise EsftAdapterError(f"{entry.relative_to(full)} in adapter {str(path)!r} is a link to "
-                                           f"{str(target)!r}, outside the adapter directory; refusing to read it")
-    return full
+    """``path`` resolved, by the rule `esft serve` uses (esft.adapter.paths): inside ``root`` if given, and no
+    link inside it leading out of ``root`` (or, without one, out of the adapter directory)."""
+    try:
+        return resolve_adapter_dir(path, root)
+    except AdapterPathError as e:
+        raise EsftAdapterError(str(e)) from None
 
 
 class Registry:
