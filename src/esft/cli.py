@@ -45,14 +45,17 @@ def cmd_profile(a) -> int:
                         device_map=a.device_map, data_format=a.data_format, skip_bad_rows=a.skip_bad_rows,
                         streaming=a.streaming)
     prof = run_profile(cfg, progress=not a.quiet)
+    maxvio = prof.balance()["maxvio_global"]["per_layer"]
     rows = []
     for l in prof.layers:
         tok = prof.token_scores[l]
+        mv = maxvio.get(str(l))
         rows.append([l, concentration(tok, 0.5), uniform_concentration(prof.num_experts, 0.5),
-                     f"{max(tok):.3f}", f"{sum(prof.gate_scores[l]):.3f}"])
+                     f"{max(tok):.3f}", "-" if mv is None else f"{mv:.2f}", f"{sum(prof.gate_scores[l]):.3f}"])
     _table(f"routing of {prof.num_tokens} tokens in {prof.num_sequences} sequences "
            f"({prof.meta['tokens_per_second']:.0f} tok/s)",
-           ["layer", "experts for 50% of tokens", "uniform would need", "top token score", "sum of gate scores"], rows)
+           ["layer", "experts for 50% of tokens", "uniform would need", "top token score",
+            "MaxVio (max/mean load - 1)", "sum of gate scores"], rows)
     print(f"wrote {a.out}")
     return 0
 

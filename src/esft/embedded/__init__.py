@@ -9,6 +9,8 @@ Wherever a command takes a model directory, the names below select a shipped mod
 - ``small`` (the default): 1 dense + 3 MoE layers, 32 routed experts, top-4, 1 shared.
 - ``v2lite``: DeepSeek-V2-Lite's proportions: 1 dense + 8 MoE layers, 64 fine-grained routed
   experts, top-6, 2 shared.
+- ``small-lfb``: ``small``'s shape, data and schedule, balanced by Loss-Free Balancing instead of an
+  auxiliary loss, hence DeepSeek-V3's router (sigmoid gating with ``e_score_correction_bias``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
-SHIPPED = {"small": MODEL_DIR, "v2lite": MODEL_DIR.parent / "model_v2lite"}
+SHIPPED = {"small": MODEL_DIR, "v2lite": MODEL_DIR.parent / "model_v2lite", "small-lfb": MODEL_DIR.parent / "model_lfb"}
 REBUILD = "python -m esft.embedded.pretrain --out src/esft/embedded/model   (about 22 minutes on a 2-core CPU)"
 REBUILD_BY_NAME = {  # keyed by directory name, so a copy of a shipped directory still says how to rebuild it
     "model": REBUILD,
     "model_v2lite": "python -m esft.embedded.pretrain --shape v2lite --threads 2 --out src/esft/embedded/model_v2lite"
                        "   (about 2 hours on a 2-core CPU; resumable)",
+    "model_lfb": "python -m esft.embedded.pretrain --balance loss-free --out src/esft/embedded/model_lfb"
+                 "   (about 25 minutes on a 2-core CPU; resumable)",
 }
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -4,9 +4,21 @@
 
 Steps: generate the general-domain corpus (esft.tasks, seeded) -> train a byte-level BPE
 tokenizer -> build a DeepSeek-V2-architecture MoE (fine-grained routed experts + a shared
-expert, dense first layer) -> train with next-token loss + a load-balancing auxiliary loss
-(transformers' Switch-style loss over the router logits the model returns) so that experts
-stay balanced -> save as a normal checkpoint directory, weights in bfloat16 (< 25 MB).
+expert, dense first layer) -> train with next-token loss, experts kept balanced one of two ways (``--balance``) -> save as a
+normal checkpoint directory, weights in bfloat16 (< 25 MB).
+
+Balancing:
+- ``aux`` (the shipped model): a load-balancing auxiliary loss, Switch-style, over the router's scores;
+- ``loss-free``: Loss-Free Balancing (esft.training.balance): no extra loss; a per-expert routing bias,
+  used for the top-k choice only, moves by ``--bias-rate`` towards balance after every step. It needs a
+  router that carries such a bias, so the model is built with DeepSeek-V3's architecture (sigmoid gating,
+  ``e_score_correction_bias``; everything else as the shipped model), which transformers runs with the bias.
+
+``--gate`` picks the router: softmax (DeepSeek-V2's, the shipped model's) or sigmoid (DeepSeek-V3's;
+the default with loss-free). ``--balance aux --gate sigmoid`` is the like-for-like baseline of the
+Loss-Free Balancing comparison: the same V3 architecture, its bias left at zero, an auxiliary loss instead.
+Every run logs MaxVio per batch and, at the end, the validation loss and global MaxVio on held-out
+general-domain examples.
 
 The adaptation tasks are covered only weakly: they make up ``--adaptation-share`` (default 2%)
 of the pretraining examples, like a base LLM that has seen JSON and foreign words but was never
@@ -30,6 +42,8 @@ from ..data.packing import Example, pack
 from ..io import atomic_dir
 from ..models.tiny import train_tokenizer
 from ..tasks import generate_split, task_names
+from ..training.balance import (DEFAULT_BIAS_RATE, LoadMeter, check_bias_rate, maxvio_summary, routing_biases,
+                                to_dtype_keeping_bias, update_bias)
 
 
 # The shapes a model can be pretrained in; each is a set of overrides of the base config below.
@@ -45,23 +59,35 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def model_config(vocab_size: int, bos: int, eos: int, pad: int, shape: str = "small", **over):
+# The router each --gate builds: (model type, its router settings). sigmoid is DeepSeek-V3's router with
+# one group (no group-limited routing at 32 experts) and top-k renormalisation, unscaled.
+GATES: dict[str, tuple[str, dict]] = {
+    "softmax": ("deepseek_v2", dict(topk_method="greedy", norm_topk_prob=False)),
+    "sigmoid": ("deepseek_v3", dict(norm_topk_prob=True)),
+}
+BALANCES = ("aux", "loss-free")
+
+
+def model_config(vocab_size: int, bos: int, eos: int, pad: int, shape: str = "small", gate: str = "softmax", **over):
     from transformers import AutoConfig
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    over = {**SHAPES[shape], **over}
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATES)}")
+    model_type, router = GATES[gate]
+    over = {**router, **SHAPES[shape], **over}
     kw = dict(
         vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
         first_k_dense_replace=1, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
         moe_intermediate_size=96, kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=16,
-        qk_nope_head_dim=32, v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=False, tie_word_embeddings=False,
+        qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, tie_word_embeddings=False,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, rope_theta=10000.0,
     )
     kw.update(over)
-    return AutoConfig.for_model("deepseek_v2", **kw)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def corpus(n_per_task: int, seed: int, adaptation_share: float = 0.02) -> tuple[list[tuple[str, str]], list[str]]:
@@ -80,6 +106,58 @@ def corpus(n_per_task: int, seed: int, adaptation_share: float = 0.02) -> tuple[
         tok_text += [p + " " + a for p, a in generate_split(name, "train", 2000, seed)]
     tok_text += ["User: \n\nAssistant:"] * 50
     return pairs, tok_text
+
+
+def valid_rows(tokenizer, n_per_task: int, seed: int, seq_len: int):
+    """Held-out general-domain examples (the tasks' valid splits), packed as the training data is."""
+    examples = []
+    for name in task_names("general"):
+        for p, ans in generate_split(name, "valid", n_per_task, seed):
+            ids, _ = encode_reference([{"role": "user", "content": p}, {"role": "assistant", "content": ans}],
+                                      tokenizer)
+            examples.append(Example(ids, list(ids)))
+    return pack(examples, seq_len, tokenizer.pad_token_id)
+
+
+def sigmoid_balance_loss(router_logits, top_k: int, mask: torch.Tensor) -> torch.Tensor:
+    """The auxiliary balance loss for sigmoid routers (DeepSeek-V3's form, over the batch), mean over layers.
+
+    Per layer, from logits [N, E] over the batch's real tokens: f_i = E / (K N) * (tokens choosing expert i),
+    P_i = mean over tokens of s_i / sum_j s_j (s = sigmoid of the logits), loss = sum_i f_i P_i (1 when
+    perfectly balanced). The choice is the top-k of the logits (the bias stays at zero in an aux run).
+    """
+    keep = mask.reshape(-1).bool()
+    total = 0.0
+    for logits in router_logits:
+        logits = logits.float()[keep.to(logits.device)]  # [N, E]
+        n, e = logits.shape
+        s = logits.sigmoid()
+        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=0)  # [E]
+        chosen = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=e).float()
+        total = total + (chosen * e / (top_k * n) * p).sum()
+    return total / len(router_logits)
+
+
+@torch.no_grad()
+def validate(model, rows, batch_size: int, device: str) -> dict:
+    """Validation loss (token mean) and global MaxVio (loads summed over the whole set) of ``model``."""
+    was_training = model.training
+    model.eval()
+    labels = rows.input_ids.masked_fill(rows.attention_mask == 0, -100)
+    loss_sum, n_tok = 0.0, 0
+    with LoadMeter(model) as meter:
+        for i in range(0, len(rows), batch_size):
+            ids, att = rows.input_ids[i:i + batch_size].to(device), rows.attention_mask[i:i + batch_size].to(device)
+            lab = labels[i:i + batch_size].to(device)
+            meter.begin_batch(att)
+            out = model(input_ids=ids, attention_mask=att, labels=lab, use_cache=False)
+            n = int((lab[:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * n
+            n_tok += n
+        load = meter.take()
+    model.train(was_training)
+    return {"loss": round(loss_sum / max(n_tok, 1), 5), "tokens": n_tok, "maxvio_global": maxvio_summary(load),
+            "load": {str(l): c.tolist() for l, c in sorted(load.items())}}
 
 
 # arguments that do not change the result (a run may resume with other values of these)
@@ -136,7 +214,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="packed row length in tokens")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine to 10%%)")
     ap.add_argument("--warmup", type=int, default=100, help="warmup steps")
-    ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient")
+    ap.add_argument("--balance", default="aux", choices=BALANCES,
+                    help="how experts are kept balanced: aux (an auxiliary loss; the shipped model) or loss-free "
+                         "(Loss-Free Balancing: a routing bias moved towards balance after every step, no extra loss)")
+    ap.add_argument("--gate", default=None, choices=sorted(GATES),
+                    help="router: softmax (DeepSeek-V2's; default with aux) or sigmoid (DeepSeek-V3's, with a routing "
+                         "bias; default with loss-free, which needs it)")
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient (--balance aux)")
+    ap.add_argument("--bias-rate", type=float, default=DEFAULT_BIAS_RATE,
+                    help="Loss-Free Balancing's bias update rate u: after each step every expert's bias moves by u "
+                         "towards balance (--balance loss-free; the paper's default 1e-3)")
+    ap.add_argument("--valid-per-task", type=int, default=200,
+                    help="held-out examples per general domain for the final validation loss and global MaxVio")
     ap.add_argument("--examples-per-task", type=int, default=40000, help="training examples per general domain")
     ap.add_argument("--adaptation-share", type=float, default=0.02,
                     help="share of pretraining examples drawn from the adaptation tasks (weak coverage)")
@@ -150,6 +239,19 @@ def main(argv=None) -> int:
                     help="where the resumable state lives (default: runs/pretrain-state/<name of --out>); it is "
                          "removed once the checkpoint is written")
     a = ap.parse_args(argv)
+    a.gate = a.gate or ("sigmoid" if a.balance == "loss-free" else "softmax")
+    if a.balance == "loss-free" and a.gate != "sigmoid":
+        ap.error(f"--balance loss-free needs a router with a routing bias: --gate {a.gate} builds "
+                 f"{GATES[a.gate][0]}, whose router has none; use --gate sigmoid ({GATES['sigmoid'][0]}: "
+                 "sigmoid gating with e_score_correction_bias)")
+    try:
+        check_bias_rate(a.bias_rate, "--bias-rate")
+    except ValueError as e:
+        ap.error(str(e))
+    if a.balance == "aux":  # a rate or coefficient the run does not use is not part of what shapes it
+        a.bias_rate = None
+    else:
+        a.aux_coef = None
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -168,7 +270,9 @@ def main(argv=None) -> int:
     labels = data.input_ids.masked_fill(data.attention_mask == 0, -100)
     print(f"corpus: {data.stats.describe()}; tokenizer vocab {len(tokenizer)}; {time.time() - t0:.0f}s")
 
-    cfg = model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, a.shape)
+    valid = valid_rows(tokenizer, a.valid_per_task, a.seed, a.seq_len)
+    cfg = model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, a.shape,
+                       a.gate)
     model = AutoModelForCausalLM.from_config(cfg).to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
@@ -176,16 +280,19 @@ def main(argv=None) -> int:
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     g = torch.Generator().manual_seed(a.seed)
     order = torch.randperm(len(data), generator=g)
+    meter = LoadMeter(model).__enter__()  # loads per layer, per step: MaxVio, and the loss-free update
+    biases = routing_biases(model) if a.balance == "loss-free" else {}
     model.train()
     log = []
     state = PretrainState(Path(a.state_dir) if a.state_dir else Path("runs/pretrain-state") / Path(a.out).name,
                           {k: v for k, v in vars(a).items() if k not in RUN_ONLY_ARGS})
-    first, elapsed = 0, 0.0
+    first, elapsed, maxvio_sum = 0, 0.0, 0.0
     resumed = state.load()
     if resumed:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["opt"])
         order, log, first, elapsed = resumed["order"], resumed["log"], resumed["step"], resumed["seconds"]
+        maxvio_sum = resumed["maxvio_sum"]
         g.set_state(resumed["generator"])
         print(f"resumed from {state.path} at step {first}")
     t_run = time.time()
@@ -200,30 +307,50 @@ def main(argv=None) -> int:
             order = torch.randperm(len(data), generator=g)
             rows = order[: a.batch_size]
         ids, att, lab = data.input_ids[rows].to(a.device), data.attention_mask[rows].to(a.device), labels[rows].to(a.device)
-        out = model(input_ids=ids, attention_mask=att, labels=lab, output_router_logits=True, use_cache=False)
-        aux = load_balancing_loss_func(out.router_logits, E, K, att)
-        (out.loss + a.aux_coef * aux).backward()
+        meter.begin_batch(att)
+        out = model(input_ids=ids, attention_mask=att, labels=lab, output_router_logits=a.balance == "aux",
+                    use_cache=False)
+        loss = out.loss
+        if a.balance == "aux":
+            aux = (load_balancing_loss_func(out.router_logits, E, K, att) if a.gate == "softmax"
+                   else sigmoid_balance_loss(out.router_logits, K, att))
+            loss = loss + a.aux_coef * aux
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        load = meter.take()
+        for l, b in biases.items():  # Loss-Free Balancing: after the step, from the step's load
+            update_bias(b, load[l], a.bias_rate)
+        maxvio = maxvio_summary(load)["mean"] or 0.0
+        maxvio_sum = maxvio_sum + maxvio
         if step % 20 == 0 or step == a.steps - 1:
-            log.append({"step": step, "loss": float(out.loss.detach()), "aux": float(aux.detach()), "lr": lr})
-            bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", aux=f"{float(aux.detach()):.3f}")
+            rec = {"step": step, "loss": float(out.loss.detach()), "maxvio_batch": maxvio, "lr": lr}
+            if a.balance == "aux":
+                rec["aux"] = float(aux.detach())
+            log.append(rec)
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", maxvio=f"{maxvio:.2f}")
         if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:
             state.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(), "order": order,
-                        "generator": g.get_state(), "log": log, "seconds": elapsed + time.time() - t_run})
+                        "generator": g.get_state(), "log": log, "seconds": elapsed + time.time() - t_run,
+                        "maxvio_sum": maxvio_sum})
     bar.close()
+    meter.__exit__(None, None, None)
     train_seconds = elapsed + time.time() - t_run
+    result = {"maxvio_batch_mean": round(maxvio_sum / max(a.steps, 1), 4),
+              "valid": validate(model, valid, a.batch_size, a.device)}
+    print(f"validation loss {result['valid']['loss']:.4f}, global MaxVio {result['valid']['maxvio_global']['mean']:.3f} "
+          f"(mean over layers), batch MaxVio {result['maxvio_batch_mean']:.3f} (mean over steps and layers)")
 
     model.eval()
     with atomic_dir(a.out) as tmp:
-        model.to(torch.bfloat16).save_pretrained(str(tmp))
+        to_dtype_keeping_bias(model, torch.bfloat16).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "pretrain_log.json").write_text(json.dumps({
             "args": {k: v for k, v in vars(a).items() if k not in ("state_dir",)}, "params": n_params,
             "seconds": round(time.time() - t0, 1) if not resumed else None,
             "train_seconds": round(train_seconds, 1), "resumed_at_step": first or None,
-            "threads": torch.get_num_threads(), "corpus": data.stats.describe(), "log": log}, indent=1))
+            "threads": torch.get_num_threads(), "corpus": data.stats.describe(), **result, "log": log}, indent=1))
     state.clear()
     print(f"wrote {a.out} in {time.time() - t0:.0f}s ({train_seconds:.0f}s of training steps"
           + (f", resumed at step {first})" if first else ")"))

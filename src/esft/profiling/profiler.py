@@ -48,6 +48,16 @@ class RoutingProfile:
     counts: dict[int, list[int]]
     meta: dict = field(default_factory=dict)
 
+    def balance(self) -> dict:
+        """How the task's tokens spread over the experts, per layer: MaxVio over the whole data (max load /
+        mean load - 1; 0 = balanced) and how many experts hold half the routed tokens (uniform would need
+        ceil(E/2)). The counts follow the router's real choice, routing bias included."""
+        from ..training.balance import maxvio_summary
+
+        return {"maxvio_global": maxvio_summary(self.counts),
+                "experts_for_half_of_tokens": {str(l): concentration(c, 0.5) for l, c in sorted(self.counts.items())},
+                "uniform_experts_for_half": uniform_concentration(self.num_experts, 0.5)}
+
     def to_summary(self) -> dict:
         def fmt(scores):
             return {str(l): {str(e): float(v) for e, v in enumerate(row)} for l, row in scores.items()}
@@ -56,6 +66,7 @@ class RoutingProfile:
             "token_scores": fmt(self.token_scores),
             "gate_scores": fmt(self.gate_scores),
             "selection_counts": {str(l): row for l, row in self.counts.items()},
+            "balance": self.balance(),
             "meta": {
                 "num_sequences": self.num_sequences,
                 "num_tokens": self.num_tokens,

@@ -67,6 +67,12 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir")
     tensorboard: bool = _f(True, "write TensorBoard logs to output_dir/tb")
     allow_other_base: bool = _f(False, "skip the base-model check when resuming")
+    router_bias_rate: float = _f(0.0, "Loss-Free Balancing while the router trains (method=full) on a model with a "
+                                 "routing bias (e_score_correction_bias: DeepSeek-V3, GLM-4.5, Kimi K2, ...): after each "
+                                 "step every expert's bias moves by this rate towards balance (the paper's rule; its "
+                                 "pretraining rate is 1e-3). 0 = off (default): the bias stays as pretrained, as "
+                                 "DeepSeek-V3 froze it for its last 500B pretraining tokens. Under ESFT the router, "
+                                 "bias included, is frozen")
     lora_rank: int = _f(8, "LoRA rank (method=lora; paper: 8, on attention and expert weights)")
     lora_alpha: int = _f(16, "LoRA alpha (method=lora)")
 
@@ -94,6 +100,11 @@ class TrainConfig:
         check_range("beta2", self.beta2, low=0, high=1, high_open=True)
         check_range("max_grad_norm", self.max_grad_norm, low=0)
         check_range("valid_fraction", self.valid_fraction, low=0, high=1, high_open=True)
+        check_range("router_bias_rate", self.router_bias_rate, low=0)
+        if self.router_bias_rate > 0 and self.method != "full":
+            raise ValueError(f"router_bias_rate={self.router_bias_rate} moves the routing bias while the router "
+                             f"trains, which only method=full does (method={self.method} freezes the router and its "
+                             f"bias: the adapter is trained for the base's routing); set router_bias_rate=0")
         if self.template not in ("reference", "chat"):
             raise ValueError(f"template must be reference or chat, got {self.template!r}")
         if self.overlong not in ("truncate", "drop"):

@@ -45,6 +45,7 @@ from . import checkpoint
 from .distributed import check_expert_counts, distributed_config, setup, shard_trainable
 from .experts import TrainablePlan, apply_esft, check_in_memory
 from .precision import MasterWeights
+from .balance import LoadMeter, maxvio_summary, require_bias, update_bias
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def run_record(cfg: TrainConfig, expert_cfg: dict | None, tokenizer, dtype: torc
     """Everything that decides a run's trajectory, as plain JSON (stored in every checkpoint)."""
     rec = {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}
     rec["dtype"] = str(dtype).removeprefix("torch.")
-    for k in ("data_format", "skip_bad_rows", "streaming"):  # recorded when set: older records lack them
+    for k in ("data_format", "skip_bad_rows", "streaming", "router_bias_rate"):  # recorded when set: older records lack them
         if getattr(cfg, k):
             rec[k] = getattr(cfg, k)
     rec["train_data_sha256"] = _sha256(cfg.train_data)
@@ -470,6 +471,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     model_dtype = next(model.parameters()).dtype
     save_dtype = adapter_dtype(cfg, model)
 
+    # Routing loads per step (MaxVio in the log; Loss-Free Balancing's update): hooks on the routers,
+    # placed before any wrapping (PEFT keeps the same router modules).
+    biases = require_bias(model, f"router_bias_rate={cfg.router_bias_rate}") if cfg.router_bias_rate > 0 else {}
+    meter = LoadMeter(model)
+
     plan: TrainablePlan | None = None
     if cfg.method == "esft":
         # Under torchrun each layer's trainable copy is sharded over the ranks as soon as it exists.
@@ -509,6 +515,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             check_legacy_base(ckpts[-1], saved["base_model"], model)
         check_resume(ckpts[-1], saved.get("run"), record, cfg.allow_other_base)
         state = {**checkpoint.load(ckpts[-1], masters, opt), "run": record}
+        for l, b in biases.items():  # the routing bias as the checkpoint's step left it
+            with torch.no_grad():
+                b.copy_(torch.tensor(state["routing_bias"][str(l)], dtype=b.dtype))
         if state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
@@ -568,6 +577,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             save_model(out / ("adapter" if cfg.method == "lora" else "best"))
 
     model.train()
+    meter.__enter__()
     t0 = time.perf_counter()
     step_times = []
     loss_ema, last_loss = None, float("nan")
@@ -586,6 +596,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             n_items = sum(int((train_data.labels[r][:, 1:] != -100).sum()) for r in micro_rows)
             for rows in micro_rows:
                 rows = job.rows(rows)  # this rank's share; n_items counts the whole micro-batch
+                meter.begin_batch(train_data.attention_mask[rows])
                 out_ = model(input_ids=train_data.input_ids[rows].to(device),
                              attention_mask=train_data.attention_mask[rows].to(device),
                              labels=train_data.labels[rows].to(device), use_cache=False,
@@ -612,19 +623,26 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
             scaler.update()
             opt.zero_grad(set_to_none=True)
             masters.sync()
+            load = meter.take(job)  # the step's routing load, every rank's tokens
+            for l, b in biases.items():  # Loss-Free Balancing (router_bias_rate > 0): after the step
+                update_bias(b, load[l], cfg.router_bias_rate)
             last_loss = step_loss
             step_times.append(time.perf_counter() - t_step)  # float(loss) above waited for the device
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
             done = step + 1
             bar.set_postfix(loss=f"{loss_ema:.4f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = {"step": done, "loss": step_loss, "lr": lr_at(step)}
+                rec = {"step": done, "loss": step_loss, "lr": lr_at(step),
+                       "maxvio_batch": maxvio_summary(load)["mean"]}  # routing balance of this step's batch
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 if writer:
                     writer.add_scalar("train/loss", step_loss, done)
+                    if rec["maxvio_batch"] is not None:
+                        writer.add_scalar("train/maxvio_batch", rec["maxvio_batch"], done)
             if valid_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 vloss = evaluate_loss(model, valid_data, cfg.batch_size, device)
+                meter.take()  # validation's routing is no training load: dropped
                 # NaN = nothing to score: JSON has no NaN, so null
                 log_file.write(json.dumps({"step": done, "valid_loss": vloss if math.isfinite(vloss) else None}) + "\n")
                 log_file.flush()
@@ -637,8 +655,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
                 check_finite(done, "checkpoint")
                 state["best_valid_loss"] = None if best == math.inf else best
                 state["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
+                if biases:
+                    state["routing_bias"] = {str(l): b.float().tolist() for l, b in biases.items()}
                 checkpoint.save(out, done, masters, opt, state, cfg.keep_checkpoints, job)
     finally:
+        meter.__exit__(None, None, None)
         bar.close()
         log_file.close()
         if writer:
