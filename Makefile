@@ -6,6 +6,8 @@
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
 #   make report-extended  the same + ablations and the p sweep (reuses the report's runs)
+#   make pretrain-lfb     pretrain small-lfb (Loss-Free Balancing) and its aux-loss twin with the same router
+#   make balance-report   aux loss vs Loss-Free Balancing: validation loss, MaxVio, specialization -> docs/balance.md
 #   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
 #   make report-v2lite    the matched-forgetting comparison on v2lite -> docs/report_v2lite.md
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
@@ -80,6 +82,17 @@ specialization: install
 pretrain: install
 	$(BIN)/python -m esft.embedded.pretrain --out src/esft/embedded/model
 
+# The Loss-Free Balancing model (small's shape, data and schedule; DeepSeek-V3's router) and its aux-loss twin
+# with the same router, for the comparison (docs/balance.md); both resumable, 1 thread each, side by side.
+pretrain-lfb: install
+	$(BIN)/python -m esft.embedded.pretrain --balance loss-free --threads 1 --out src/esft/embedded/model_lfb & \
+	$(BIN)/python -m esft.embedded.pretrain --balance aux --gate sigmoid --threads 1 --out runs/lfb/model_aux_sigmoid; \
+	wait
+
+balance-report: install
+	$(BIN)/python -m esft.embedded.specialization --model small-lfb --out docs/specialization_lfb.md
+	$(BIN)/python -m esft.embedded.balance_report --out docs/balance.md
+
 pretrain-v2lite: install
 	$(BIN)/python -m esft.embedded.pretrain --shape v2lite --threads 2 --save-every 50 --out src/esft/embedded/model_v2lite
 
@@ -129,4 +142,4 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: pretrain-lfb balance-report test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

@@ -334,3 +334,15 @@ def test_pretrain_loss_free_short_run(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     for l, b in routing_biases(model).items():
         assert torch.equal(b, biases[f"model.layers.{l}.mlp.gate.e_score_correction_bias"])
+    # the comparison report over it: the figures it prints are the ones its JSON holds, MaxVio from its loads
+    from esft.embedded import balance_report
+
+    md = tmp_path / "report" / "balance.md"
+    assert balance_report.main(["--out", str(md), "--model", f"lf={out}", "--valid-per-task", "4", "--threads", "1",
+                                "--specialization", f"a={tmp_path / 'none.json'}"]) == 0
+    rep = json.loads(md.with_suffix(".json").read_text())["results"][0]
+    assert rep["model_type"] == "deepseek_v3" and rep["balance"] == "loss-free" and rep["bias_rate"] == rate
+    for l, load in rep["valid"]["load"].items():
+        assert rep["valid"]["maxvio_global"]["per_layer"][l] == pytest.approx(max_violation(load), abs=1e-4)
+    assert f"| lf | deepseek_v3 (sigmoid) | loss-free, u = {rate} | {rep['valid']['loss']:.4f} |" in md.read_text()
+    assert (tmp_path / "report" / "balance_maxvio.png").stat().st_size > 0

@@ -144,7 +144,7 @@ def validate(model, rows, batch_size: int, device: str) -> dict:
     was_training = model.training
     model.eval()
     labels = rows.input_ids.masked_fill(rows.attention_mask == 0, -100)
-    loss_sum, n_tok = 0.0, 0
+    loss_sum, n_tok, load, per_batch = 0.0, 0, {}, []
     with LoadMeter(model) as meter:
         for i in range(0, len(rows), batch_size):
             ids, att = rows.input_ids[i:i + batch_size].to(device), rows.attention_mask[i:i + batch_size].to(device)
@@ -154,10 +154,14 @@ def validate(model, rows, batch_size: int, device: str) -> dict:
             n = int((lab[:, 1:] != -100).sum())
             loss_sum += float(out.loss) * n
             n_tok += n
-        load = meter.take()
+            batch = meter.take()
+            per_batch.append(maxvio_summary(batch)["mean"])
+            load = {l: c + load[l] if l in load else c for l, c in batch.items()}
     model.train(was_training)
+    per_batch = [v for v in per_batch if v is not None]
     return {"loss": round(loss_sum / max(n_tok, 1), 5), "tokens": n_tok, "maxvio_global": maxvio_summary(load),
-            "load": {str(l): c.tolist() for l, c in sorted(load.items())}}
+            "maxvio_batch_mean": round(sum(per_batch) / len(per_batch), 4) if per_batch else None,
+            "batch_size": batch_size, "load": {str(l): c.tolist() for l, c in sorted(load.items())}}
 
 
 # arguments that do not change the result (a run may resume with other values of these)

@@ -1,0 +1,176 @@
+"""Auxiliary loss vs Loss-Free Balancing on the shipped model's shape: validation loss and MaxVio, side by side.
+
+    python -m esft.embedded.balance_report --out docs/balance.md
+
+Every model is measured the same way, here, from its saved checkpoint (bf16 weights, fp32 routing bias,
+run in fp32): the validation loss and MaxVio on the same held-out general-domain examples (the tasks'
+valid splits, packed as in pretraining). MaxVio (esft.training.balance) per layer, then the mean over the
+MoE layers: "global" over the whole validation set, "batch" the mean over validation batches of
+``--batch-size`` packed rows (pretraining's batch). The training-time batch MaxVio (mean over all steps)
+comes from each run's pretrain_log.json where the run logged it. Where the two specialization reports
+exist (``--specialization``), their concentration and overlap are set side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+DEFAULT_MODELS = ["aux, softmax (shipped small)=small", "aux, sigmoid=runs/lfb/model_aux_sigmoid",
+                  "loss-free, sigmoid (small-lfb)=small-lfb"]
+DEFAULT_SPECIALIZATION = ["small=docs/specialization.json", "small-lfb=docs/specialization_lfb.json"]
+
+
+def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        name, sep, path = it.rpartition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{what} takes NAME=PATH, got {it!r}")
+        out.append((name, path))
+    return out
+
+
+def measure(name: str, path: str, valid_per_task: int, batch_size: int, seed: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import resolve_model
+    from .pretrain import valid_rows, validate
+
+    d = resolve_model(path)
+    log = json.loads((d / "pretrain_log.json").read_text()) if (d / "pretrain_log.json").exists() else {}
+    args = log.get("args", {})
+    tok = AutoTokenizer.from_pretrained(str(d))
+    rows = valid_rows(tok, valid_per_task, seed, args.get("seq_len", 256))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    t0 = time.perf_counter()
+    v = validate(model, rows, batch_size, "cpu")
+    steps = args.get("steps")
+    return {"name": name, "path": str(d), "model_type": model.config.model_type,
+            "balance": args.get("balance", "aux"), "gate": args.get("gate", "softmax"),
+            "aux_coef": args.get("aux_coef"), "bias_rate": args.get("bias_rate"), "steps": steps,
+            "train_seconds": log.get("train_seconds"), "threads": log.get("threads"),
+            "seconds_per_step": round(log["train_seconds"] / steps, 3) if log.get("train_seconds") and steps else None,
+            "train_maxvio_batch_mean": log.get("maxvio_batch_mean"),
+            "final_train_loss": (log.get("log") or [{}])[-1].get("loss"),
+            "curve": [(r["step"], r.get("loss"), r.get("maxvio_batch")) for r in log.get("log", [])],
+            "valid": v, "measure_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def specialization_rows(pairs: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]] | None:
+    reps = [(n, json.loads(Path(p).read_text())) for n, p in pairs if Path(p).exists()]
+    if len(reps) < 2:
+        return None
+    tasks = list(reps[0][1]["tasks"])
+    rows = []
+    for t in tasks:
+        row = [t, reps[0][1]["tasks"][t]["kind"]]
+        for _, r in reps:
+            h = r["tasks"].get(t, {}).get("experts_for_half_mass", {})
+            row.append(f"{sum(h.values()) / len(h):.1f}" if h else "-")
+        rows.append(row)
+    overlap = ["mean overlap between tasks (Jaccard)", ""]
+    for _, r in reps:
+        vals = [v for k, v in r["overlap"].items() if k.split("|")[0] != k.split("|")[1]]
+        overlap.append(f"{sum(vals) / len(vals):.2f}")
+    rows.append(overlap)
+    uniform = ["*uniform routing*", ""] + [str(r["uniform_half_mass"]) for _, r in reps]
+    rows.append(uniform)
+    return [n for n, _ in reps], rows
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        pts = [(s, m) for s, _, m in r["curve"] if m is not None]
+        if pts:
+            ax1.plot(*zip(*pts), label=r["name"])
+        pts = [(s, l) for s, l, _ in r["curve"] if l is not None]
+        if pts:
+            ax2.plot(*zip(*pts), label=r["name"])
+    ax1.set(xlabel="step", ylabel="batch MaxVio (mean over MoE layers)", title="load imbalance while pretraining")
+    ax2.set(xlabel="step", ylabel="training loss", title="training loss", ylim=(0.5, 3))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/balance.md", help="Markdown report (JSON and PNG written beside it)")
+    ap.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
+                    help=f"a pretrained checkpoint to compare (repeatable; default: {'; '.join(DEFAULT_MODELS)})")
+    ap.add_argument("--specialization", action="append", default=None, metavar="NAME=JSON",
+                    help="specialization reports to set side by side (default: "
+                         f"{'; '.join(DEFAULT_SPECIALIZATION)}; missing ones are left out)")
+    ap.add_argument("--valid-per-task", type=int, default=200, help="held-out examples per general domain")
+    ap.add_argument("--batch-size", type=int, default=16, help="packed rows per validation batch (batch MaxVio)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the validation examples")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    results = [measure(n, p, a.valid_per_task, a.batch_size, a.seed)
+               for n, p in _pairs(a.model or DEFAULT_MODELS, "--model")]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_name(out.stem + "_maxvio.png")
+    plot(results, png)
+    spec = specialization_rows(_pairs(a.specialization or DEFAULT_SPECIALIZATION, "--specialization"))
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"# Auxiliary loss vs Loss-Free Balancing on the small model's shape", "",
+             f"Generated by `python -m esft.embedded.balance_report --out {a.out}` ({date.today()}, "
+             f"{time.time() - t0:.0f} s). Same data, tokenizer, size and schedule for every model (2,400 steps of "
+             "16 x 256 tokens); measured here from each saved checkpoint on the same "
+             f"{results[0]['valid']['tokens']} held-out tokens ({a.valid_per_task} validation examples per general "
+             "domain). MaxVio = max expert load / mean load - 1 per MoE layer (0 = balanced), then the mean over "
+             "layers; *global* over the whole validation set, *batch* the mean over batches of "
+             f"{a.batch_size} packed rows.", "",
+             "| model | router | balancing | valid loss | global MaxVio | batch MaxVio (valid) | "
+             "batch MaxVio (training, mean over steps) | s/step (threads) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        bal = (f"aux loss x {r['aux_coef']}" if r["balance"] == "aux" else f"loss-free, u = {r['bias_rate']}")
+        lines.append(f"| {r['name']} | {r['model_type']} ({r['gate']}) | {bal} | {r['valid']['loss']:.4f} | "
+                     f"{f(r['valid']['maxvio_global']['mean'], '.3f')} | {f(r['valid']['maxvio_batch_mean'], '.3f')} | "
+                     f"{f(r['train_maxvio_batch_mean'], '.3f')} | {f(r['seconds_per_step'], '.2f')} ({r['threads']}) |")
+    lines += ["", "Global MaxVio per MoE layer:", "",
+              "| model | " + " | ".join(f"layer {l}" for l in results[0]["valid"]["maxvio_global"]["per_layer"]) + " |",
+              "|---|" + "---|" * len(results[0]["valid"]["maxvio_global"]["per_layer"])]
+    for r in results:
+        lines.append(f"| {r['name']} | " + " | ".join(f(v, ".3f") for v in r["valid"]["maxvio_global"]["per_layer"].values())
+                     + " |")
+    lines += ["", f"![MaxVio and loss while pretraining]({png.name})", ""]
+    if spec:
+        names, rows = spec
+        lines += ["## Specialization: experts holding half of each task's routed tokens (mean over MoE layers)", "",
+                  "From the specialization reports (`python -m esft.embedded.specialization --model ...`). Fewer "
+                  "experts = a more concentrated task, which is what ESFT needs.", "",
+                  "| task | kind | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "specialization": spec}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
