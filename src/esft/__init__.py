@@ -27,6 +27,7 @@ _API = {
     "ProfileConfig": "esft.profiling.run",
     "run_profile": "esft.profiling.run",
     "profile_routing": "esft.profiling.profiler",
+    "tune_router": "esft.profiling.router_stage",
     "RouterObserver": "esft.profiling.profiler",
     "SelectConfig": "esft.selection.select",
     "select_experts": "esft.selection.select",

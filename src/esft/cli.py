@@ -43,7 +43,9 @@ def cmd_profile(a) -> int:
     cfg = ProfileConfig(model=a.model, data=a.data, out=a.out, max_tokens=a.max_tokens, seq_len=a.seq_len,
                         batch_size=a.batch_size, template=a.template, dtype=a.dtype, device=a.device,
                         device_map=a.device_map, data_format=a.data_format, skip_bad_rows=a.skip_bad_rows,
-                        streaming=a.streaming)
+                        streaming=a.streaming, router_stage_steps=a.router_stage_steps,
+                        router_stage_lr=a.router_stage_lr, router_stage_modules=a.router_stage_modules,
+                        router_stage_batch_size=a.router_stage_batch_size)
     prof = run_profile(cfg, progress=not a.quiet)
     maxvio = prof.balance()["maxvio_global"]["per_layer"]
     rows = []
@@ -361,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device-map", default=None, help="spread the model over devices while loading: auto, balanced, "
                     "or a JSON file {module: device} (devices: 0, 1, cuda:1, cpu, or disk to read a layer's weights "
                     "from disk at each forward)")
+    sp.add_argument("--router-stage-steps", type=int, default=0, help="router-first selection (Router Lens / CEFT, "
+                    "arXiv 2508.19594): first train the routers this many AdamW steps on the task's answer tokens, "
+                    "then score the experts under the tuned routing; the tuned weights are discarded, so training "
+                    "uses the checkpoint's routers (default: 0 = off)")
+    sp.add_argument("--router-stage-lr", type=float, default=5e-4, help="learning rate of the router stage (default: "
+                    "5e-4, the RouterLens code's router-tuning setting for OLMoE; routers are small, 1e-4..1e-3)")
+    sp.add_argument("--router-stage-modules", default="router", choices=["router", "router+attention"],
+                    help="what the router stage trains: the routers, or the routers and every decoder layer's "
+                    "attention (as DAS does)")
+    sp.add_argument("--router-stage-batch-size", type=int, default=1, help="packed sequences per router-stage step "
+                    "(default: 1, one row of --seq-len tokens)")
     common(sp)
     sp.set_defaults(func=cmd_profile)
 

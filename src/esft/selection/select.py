@@ -123,9 +123,11 @@ def select_experts(scores: dict[int, dict[int, float]], cfg: SelectConfig,
     return out
 
 
-def expert_config(selected: dict[int, list[int]], cfg: SelectConfig) -> dict:
-    """The reference ``expert_cfg.json`` layout (plus a record of how it was chosen)."""
-    return {
+def expert_config(selected: dict[int, list[int]], cfg: SelectConfig, router_stage: dict | None = None) -> dict:
+    """The reference ``expert_cfg.json`` layout (plus a record of how it was chosen). ``router_stage``: the
+    scores' router-first stage record (``meta.router_stage`` of `esft profile --router-stage-steps`), kept
+    under ``selection`` (the reference code reads only the top-level fields)."""
+    out = {
         "experts": {str(l): list(map(int, es)) for l, es in selected.items()},
         "shared_experts": bool(cfg.train_shared_experts),
         "non_expert_modules": bool(cfg.train_non_expert_modules),
@@ -137,6 +139,20 @@ def expert_config(selected: dict[int, list[int]], cfg: SelectConfig) -> dict:
             "global_experts": cfg.global_experts if cfg.budget == "global" else None,
         },
     }
+    if router_stage is not None:
+        out["selection"]["router_stage"] = router_stage
+    return out
+
+
+def read_router_stage(path: str | os.PathLike) -> dict | None:
+    """The router-first stage record of a scores summary (``meta.router_stage``), None if it has none."""
+    summary = load_json(path, "scores file")
+    meta = summary.get("meta") if isinstance(summary, dict) else None
+    if not isinstance(meta, dict) or meta.get("router_stage") is None:
+        return None
+    if not isinstance(meta["router_stage"], dict):
+        raise DataError(f"{path}: 'meta.router_stage' must be a JSON object, got {show(meta['router_stage'])}")
+    return meta["router_stage"]
 
 
 # The reference code's expert_cfg.json has experts, shared_experts and non_expert_modules; `esft select` adds
