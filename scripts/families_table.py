@@ -1,8 +1,8 @@
-"""Write README's family table from the family tests' results (``make families-table``).
+"""Write the supported-families table of docs/families.md from the family tests' results (``make families-table``).
 
 Runs ``tests/test_families.py`` and ``tests/test_family_checkpoints.py`` (or reads their JUnit XML with
 ``--junit``), reads each supported model type's router kind, shared experts and expert biases from its tiny
-model, and replaces the text between the README's ``<!-- families-table:start -->`` and
+model, and replaces the text between the page's ``<!-- families-table:start -->`` and
 ``<!-- families-table:end -->`` markers with one row per model type of the installed transformers that has
 fused experts: supported ones with what their tests established, then the others with the reason.
 A supported type whose test failed is written as failed, not hidden.
@@ -98,18 +98,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--junit", type=Path, action="append",
                     help="JUnit XML of an earlier run of the family tests, repeatable (else they are run)")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--page", "--readme", dest="page", type=Path, default=ROOT / "docs" / "families.md",
+                    help="the Markdown file holding the markers (default: docs/families.md)")
     a = ap.parse_args(argv)
     if a.junit is None:
         a.junit = [Path(tempfile.mkdtemp()) / "families.xml"]
         run_tests(a.junit[0])
-    text = a.readme.read_text()
+    text = a.page.read_text()
     if text.count(START) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{a.readme}: needs exactly one {START} and one {END} marker")
+        raise SystemExit(f"{a.page}: needs exactly one {START} and one {END} marker")
     head, rest = text.split(START)
     _, tail = rest.split(END)
-    a.readme.write_text(f"{head}{START}\n{table({k: v for j in a.junit for k, v in results(j).items()})}\n{END}{tail}")
-    print(f"wrote the family table into {a.readme}")
+    a.page.write_text(f"{head}{START}\n{table({k: v for j in a.junit for k, v in results(j).items()})}\n{END}{tail}")
+    print(f"wrote the family table into {a.page}")
     return 0
 
 
