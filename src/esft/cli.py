@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "MoE layer (per-sequence, per-layer normalised).")
     sp.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or a shipped model: small, v2lite")
     sp.add_argument("--data", required=True, help="the task's data: a file (JSON lines/array, parquet, CSV/TSV, arrow; "
-                    ".gz/.bz2/.zst), a glob, a folder, a save_to_disk folder, or a YAML file of sources (README: Data)")
+                    ".gz/.bz2/.zst), a glob, a folder, a save_to_disk folder, or a YAML file of sources (docs: guides/data.md)")
     data_options(sp)
     sp.add_argument("--streaming", action="store_true", help="read only the rows the token budget needs (data "
                     "larger than memory)")
@@ -410,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the adapter holds (the model is never loaded: memory ~ adapter + 64 MiB); config, tokenizer "
                         "and other files are copied. FP8-quantized tensors are refused (merge into the bf16 checkpoint).")
     sp.add_argument("--model", required=True, help="base checkpoint directory (safetensors)")
-    sp.add_argument("--adapter", required=True, help="adapter directory (ours or the reference code's)")
+    sp.add_argument("--adapter", required=True, help="adapter directory (ours: ESFT or ESFT-LoRA, whose rows "
+                    "W + alpha/r B A are merged into the selected experts; or the reference code's)")
     sp.add_argument("--out", required=True, help="directory for the merged checkpoint")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto: every tensor keeps the base checkpoint's dtype (the adapter's are cast to it); "
@@ -424,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Greedy, batched generation on a suite task's eval split or a JSONL file "
                         "(messages layout or the reference {prompt, answers} layout), scored with a local metric.")
     sp.add_argument("--model", default=None, help="checkpoint directory, or a shipped model: small (default), v2lite")
-    sp.add_argument("--adapter", default=None, help="ESFT adapter directory, or a PEFT/LoRA adapter directory")
+    sp.add_argument("--adapter", default=None, help="ESFT or ESFT-LoRA adapter directory, or a PEFT/LoRA adapter "
+                    "directory")
     sp.add_argument("--task", default=None, help="suite task name (e.g. intent_json); or use --data")
     sp.add_argument("--data", default=None, help="data to evaluate (any layout and file type `esft train` reads: "
                     "the prompt is each conversation up to its last assistant turn, the reference that turn or the "
@@ -492,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "that leads with each method's task score at matched forgetting (general-ability loss <= 1, "
                         "2, 5 points), with frontier plots; the LR chosen by validation loss gives the second view. "
                         "Finished runs are cached under work_dir, so an interrupted report resumes. Examples:\n"
-                        "  esft report                 # the default report (see the README for its time)\n"
+                        "  esft report                 # the default report (docs/timings.md gives its time)\n"
                         "  esft report --extended      # + ablations and the p sweep (reuses the default's runs)\n"
                         "  esft report --quick         # 1 seed, 50 steps, no LR grid (< 10 min)\n"
                         "  esft report model=v2lite    # the second shipped model -> docs/report_v2lite.md, "
@@ -515,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "vLLM: this one, $ESFT_VLLM_PYTHON or the repo's .venv-vllm from `make vllm-venv`); auto "
                     "(default): vllm where this Python has vLLM installed, else esft")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                    help="an ESFT adapter to serve as model NAME (repeatable). NAME: 1-64 characters, letters, digits, "
+                    help="an ESFT adapter, or an ESFT-LoRA one (--engine esft), to serve as model NAME (repeatable). "
+                    "NAME: 1-64 characters, letters, digits, "
                     "'.', '_', '-', starting with a letter or digit, optionally two such parts joined by one '/' (e.g. "
                     "sql, team/sql-v2). DIR must lie under --adapter-root. An adapter that cannot be served stops "
                     "start-up (exit status 2)")
@@ -578,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip = dsub.add_parser("inspect", help="layouts, rows, token lengths and one rendered example of DATA",
                          description="Read DATA exactly as profile/train/eval would (layout detection, conversion, "
                          "validation) and report what the run will see.")
-    ip.add_argument("data", help="a file, glob, folder, save_to_disk folder or YAML file of sources (README: Data)")
+    ip.add_argument("data", help="a file, glob, folder, save_to_disk folder or YAML file of sources (docs: guides/data.md)")
     data_options(ip)
     ip.add_argument("--model", default=None, help="checkpoint directory or shipped model whose tokenizer and template "
                     "measure tokens (only the tokenizer is read)")

@@ -1,6 +1,6 @@
 """Small file helpers: atomic writes, output-directory ownership, JSONL reading with errors that name file and line.
 
-Three rules keep users' files safe (the architecture page in the README says why):
+Three rules keep users' files safe (docs/reliability.md says why):
 
 * **Atomic.** Directories are built under a temporary sibling ``.NAME.tmp-PID@HOST.XXXX`` and renamed
   into place; JSON is written to a temporary file and renamed. A crash leaves the old artifact or

@@ -21,6 +21,16 @@ FAMILIES = {
                         first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
                         qk_nope_head_dim=64, v_head_dim=64, topk_method="greedy", n_group=1, topk_group=1,
                         routed_scaling_factor=1.0, norm_topk_prob=False),
+    # DeepSeek-V3's router (sigmoid scores, a routing bias for the top-k choice, group-limited, renormalised
+    # and scaled gate values) on the same MLA shapes; make_base gives it a non-zero bias, so that vLLM's biased
+    # choice is exercised (a zero bias would route as a plain sigmoid top-k)
+    "deepseek_v3": dict(hidden=256, num_attention_heads=2, num_key_value_heads=2, moe_intermediate_size=64,
+                        intermediate_size=256, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+                        first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                        qk_nope_head_dim=64, v_head_dim=64, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, norm_topk_prob=True,
+                        # what DeepSeek-V3's config.json says and vLLM reads (transformers' V3 class implies both)
+                        topk_method="noaux_tc", scoring_func="sigmoid"),
 }
 
 # layer -> experts each adapter changed; A and B share layer 0 expert 1 (with different weights), so a wrong
@@ -38,7 +48,20 @@ def make_base(out: Path, family: str = "qwen3_moe", num_layers: int = 2, seed: i
 
     kw = dict(FAMILIES[family])
     hidden = kw.pop("hidden")
-    return make_tiny_checkpoint(out, family=family, seed=seed, num_layers=num_layers, hidden=hidden, **kw)
+    path = make_tiny_checkpoint(out, family=family, seed=seed, num_layers=num_layers, hidden=hidden, **kw)
+    if family == "deepseek_v3":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from esft.training.balance import routing_biases
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for b in routing_biases(model).values():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+        model.save_pretrained(str(path))
+    return path
 
 
 def make_adapter(base: Path, out: Path, experts: dict[int, list[int]], seed: int, scale: float = 3.0) -> Path:

@@ -66,7 +66,7 @@ def assert_same(got: dict, want: dict, what: str) -> None:
             assert abs(g[tok] - w[tok]) <= LOGPROB_TOL, f"{what}: step {t} token {tok}: {g[tok]} vs {w[tok]}"
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3"])
 def test_mixed_batch_equals_merged_models(family, tmp_root):
     """Like with like: each reference model (the base, merged A, merged B) serves the very job the plugin
     serves (same steps, same prompts in the same order, batch for batch), every request on that model; the

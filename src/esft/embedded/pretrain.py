@@ -63,7 +63,9 @@ SHAPES: dict[str, dict] = {
 # one group (no group-limited routing at 32 experts) and top-k renormalisation, unscaled.
 GATES: dict[str, tuple[str, dict]] = {
     "softmax": ("deepseek_v2", dict(topk_method="greedy", norm_topk_prob=False)),
-    "sigmoid": ("deepseek_v3", dict(norm_topk_prob=True)),
+    # topk_method / scoring_func: transformers' V3 class implies them; DeepSeek-V3's config.json states them, and
+    # vLLM reads them (without them it would build no bias and score with a softmax)
+    "sigmoid": ("deepseek_v3", dict(norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid")),
 }
 BALANCES = ("aux", "loss-free")
 

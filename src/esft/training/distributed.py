@@ -207,7 +207,7 @@ def setup(cfg) -> Dist:
     """``join`` for training, with the parallel layout of ``cfg`` (a TrainConfig) checked."""
     if not launched_by_torchrun() and (cfg.fsdp_size > 1 or cfg.ep_size > 1):
         raise ValueError(f"fsdp_size={cfg.fsdp_size} / ep_size={cfg.ep_size} need several processes: launch with "
-                         "torchrun --nproc_per_node=N -m esft train ... (see the README)")
+                         "torchrun --nproc_per_node=N -m esft train ... (docs: guides/distributed.md)")
     job = join(cfg.device, cfg.dist_timeout_s)
     if job.enabled:
         check_layout(cfg, job.world)
@@ -224,9 +224,9 @@ def check_layout(cfg, world: int) -> None:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes: each step's "
                          f"micro-batch is split evenly over them (so the result equals one process)")
-    if cfg.method == "lora":
-        raise NotImplementedError("method=lora under torchrun is not implemented yet: ESFT and full fine-tuning "
-                                  "train distributed (see the README)")
+    if cfg.method in ("lora", "esft-lora"):
+        raise NotImplementedError(f"method={cfg.method} under torchrun is not implemented yet: ESFT and full "
+                                  "fine-tuning train distributed (docs: guides/distributed.md)")
     if cfg.method == "full" and cfg.ep_size > 1:
         raise NotImplementedError(f"method=full with ep_size={cfg.ep_size} is not implemented: full fine-tuning "
                                   "under torchrun shards everything with FSDP2 alone (leave ep_size=1)")
