@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--top-p", type=float, default=0.2, help="ESFT-Token top_p selection budget per layer")
     t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (does not affect timing)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")
+    t.add_argument("--lora-rank", type=int, default=8,
+                   help="also time ESFT-LoRA (method=esft-lora: LoRA of this rank on the same selected experts), "
+                        "interleaved after the ESFT and FFT steps; 0 = skip it")
+    t.add_argument("--lora-alpha", type=int, default=16, help="ESFT-LoRA alpha")
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0, help="seed for data, weights and batch order")
     o.add_argument("--threads", type=int, default=default_threads(),
@@ -125,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--top-k cannot exceed --experts")
     if not 0 < a.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
+    if a.lora_rank < 0 or a.lora_alpha < 1:
+        p.error("--lora-rank must be >= 0 and --lora-alpha >= 1")
     return a
 
 
@@ -324,12 +330,19 @@ def main(argv=None) -> int:
         model.train()
         esft_model = copy.deepcopy(model)
         fft_model = copy.deepcopy(model)
+        lora_model = copy.deepcopy(model) if args.lora_rank else None
         base_fp = model_fingerprint(model)
         del model
         plan = apply_esft(esft_model, ecfg)
         fft_params = full_plan(fft_model)
         esft = Runner("ESFT", esft_model, plan.parameters(), args.lr, args.max_grad_norm)
         fft = Runner("FFT", fft_model, list(fft_params.values()), args.lr, args.max_grad_norm)
+        elora = lplan = None
+        if lora_model is not None:  # ESFT-LoRA on the same selected experts (method=esft-lora)
+            from esft.training.esft_lora import apply_esft_lora
+
+            lplan = apply_esft_lora(lora_model, ecfg, args.lora_rank, args.lora_alpha)
+            elora = Runner("ESFT-LoRA", lora_model, lplan.parameters(), args.lr, args.max_grad_norm)
 
         def batch(i):
             idx = batch_rows(len(train), i, 0, args.batch_size, 1, args.seed)
@@ -342,6 +355,8 @@ def main(argv=None) -> int:
             b = batch(i)
             for r in ((esft, fft) if i % 2 == 0 else (fft, esft)):
                 r.step(b, record=i >= args.warmup_steps)
+            if elora is not None:  # after the pair, so that ESFT and FFT alternate as without it
+                elora.step(b, record=i >= args.warmup_steps)
         train_tokens = int(batch(0)["attention_mask"].sum())
 
         op_tables = {}
@@ -362,6 +377,12 @@ def main(argv=None) -> int:
         fft_model.save_pretrained(str(full_dir))
         adapter_bytes = dir_bytes(adapter_dir)
         full_bytes = dir_bytes(full_dir)
+        lora_bytes = None
+        if lplan is not None:
+            from esft.adapter.esft_lora import save_lora_adapter
+
+            lora_bytes = dir_bytes(save_lora_adapter(lplan, out_root / "esft_lora_adapter", base_fp,
+                                                     {"benchmark": "train_efficiency"}))
 
     # ----------------------------------------------------------------------------------- report
     phases = ("forward", "backward", "clip", "optimizer", "zero_grad", "total")
@@ -420,6 +441,28 @@ def main(argv=None) -> int:
         console.print(f"\ntorch.profiler, one {name} step, top {args.op_profile} ops by self CPU time:")
         console.print(text, markup=False, soft_wrap=True)
 
+    elora_res = {}
+    if elora is not None:
+        el_total = elora.median("total")
+        el_opt = optimizer_state_bytes(elora.opt)
+        lt = Table(title=f"ESFT-LoRA (rank {args.lora_rank}, alpha {args.lora_alpha}, same experts) beside ESFT and "
+                         f"FFT, same batches", title_justify="left")
+        for col in ("figure", "ESFT-LoRA", "ESFT", "FFT", "ESFT-LoRA / ESFT", "ESFT-LoRA / FFT"):
+            lt.add_column(col, justify="left" if col == "figure" else "right")
+        for name, mine, e, f, fmt in (
+                (f"train step time (median of {args.steps})", el_total, esft_ph["total"], fft_ph["total"],
+                 lambda v: f"{v * 1e3:.1f} ms"),
+                ("optimizer state", el_opt, esft_opt_bytes, fft_opt_bytes, human),
+                ("trainable params", lplan.num_trainable(), esft_trainable, fft_trainable, lambda v: f"{v:,}"),
+                ("on disk (adapter / full checkpoint)", lora_bytes, adapter_bytes, full_bytes, human)):
+            lt.add_row(name, fmt(mine), fmt(e), fmt(f), f"{mine / e:.3f}", f"{mine / f:.4f}")
+        console.print(lt)
+        elora_res = {"esft_lora_rank": args.lora_rank, "esft_lora_alpha": args.lora_alpha,
+                     "esft_lora_step_seconds": el_total, "esft_lora_optimizer_state_bytes": el_opt,
+                     "esft_lora_trainable_params": lplan.num_trainable(), "esft_lora_adapter_bytes": lora_bytes,
+                     "esft_lora_master_weight_bytes": elora.masters.master_bytes(),
+                     "step_breakdown_seconds_esft_lora": {k: elora.median(k) for k in phases}}
+
     missed = [k for k, v in met.items() if not v]
     elapsed = time.perf_counter() - t_start
     console.print(f"targets met: {4 - len(missed)}/4" + (f"; missed: {', '.join(missed)}" if missed else "")
@@ -468,6 +511,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "torch_version": torch.__version__,
         "wall_seconds": elapsed,
+        **elora_res,
     }
     sys.stdout.flush()
     print(json.dumps(result))

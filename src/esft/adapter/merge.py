@@ -80,6 +80,11 @@ def merge_checkpoint(base: str | os.PathLike, adapter: Adapter | str | os.PathLi
             raise OutputError(f"--out {out} is a file, not a directory")
         check_replaceable(out, "merge", inputs, "--out")
     ckpt = open_checkpoint(base)
+    from .esft_lora import is_lora_adapter, materialize_from_checkpoint, read_lora_adapter
+
+    if not isinstance(adapter, Adapter) and is_lora_adapter(adapter):
+        # ESFT-LoRA: the selected experts' rows W_e + (alpha/r) B_e A_e, from the base's shards (base checked first)
+        adapter = materialize_from_checkpoint(read_lora_adapter(adapter), base, allow_other_base)
     adapter = as_adapter(adapter)  # refuses NaN / Inf tensors before anything is written
     check_family(adapter, json.loads((base / "config.json").read_text()).get("model_type"))
     check_adapter_fits(adapter, ckpt, _layouts(base))

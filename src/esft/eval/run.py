@@ -37,7 +37,8 @@ from .generate import OVERLONG, TEMPLATES, PromptFormat
 @dataclass
 class EvalConfig:
     model: str = field(default="", metadata={"help": "base or merged checkpoint directory ('' = shipped model)"})
-    adapter: str | None = field(default=None, metadata={"help": "ESFT adapter or PEFT (LoRA) adapter directory"})
+    adapter: str | None = field(default=None, metadata={"help": "ESFT or ESFT-LoRA adapter, or PEFT (LoRA) adapter "
+                                                               "directory"})
     task: str | None = field(default=None, metadata={"help": "suite task (its eval split)"})
     data: str | list | None = field(default=None, metadata={"help": "data specification to evaluate instead of a "
                                                           "suite task (any layout; see esft.data)"})
@@ -209,8 +210,10 @@ def adapter_format(adapter: str) -> PromptFormat | None:
     from ..adapter.io import META_FILE
     from .generate import recorded_format
 
+    from ..adapter.esft_lora import is_lora_adapter
+
     a = Path(adapter)
-    if (a / "adapter_config.json").exists():
+    if (a / "adapter_config.json").exists() and not is_lora_adapter(a):  # an ESFT-LoRA adapter records its format
         return None
     meta = json.loads((a / META_FILE).read_text()) if (a / META_FILE).exists() else {}
     return recorded_format(meta)  # no metadata: a reference-code adapter, trained on the reference template
@@ -252,8 +255,14 @@ def load_for_eval(model_dir: str, adapter: str | None, device_map=None, dtype: s
     model, tok = load_model(model_dir or embedded_model_dir(), dtype=dtype, device=device, device_map=device_map)
     kind = "base"
     if adapter:
+        from ..adapter.esft_lora import is_lora_adapter, materialize, read_lora_adapter
+        from ..adapter.io import merge_adapter
+
         a = Path(adapter)
-        if (a / "adapter_config.json").exists():  # a PEFT adapter (LoRA baseline)
+        if is_lora_adapter(a):  # ESFT-LoRA: W_e + (alpha/r) B_e A_e written into the selected experts (base checked)
+            merge_adapter(model, materialize(read_lora_adapter(a), model))
+            kind = "esft-lora"
+        elif (a / "adapter_config.json").exists():  # a PEFT adapter (LoRA baseline)
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(a)).merge_and_unload()

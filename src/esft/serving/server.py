@@ -415,7 +415,12 @@ def _load(engine: Engine, name: str, path: Path, template: str = "auto") -> None
     from ..adapter.io import read_adapter
     from ..eval.generate import choose_format, recorded_format
 
-    adapter = read_adapter(path)
+    from ..adapter.esft_lora import is_lora_adapter, materialize, read_lora_adapter
+
+    if is_lora_adapter(path):  # ESFT-LoRA: served as its merged expert rows (base checked), like an ESFT adapter
+        adapter = materialize(read_lora_adapter(path), engine.weaver.model, engine.weaver.fingerprint)
+    else:
+        adapter = read_adapter(path)
     fmt = choose_format(template, recorded_format(adapter.meta), f"adapter {name} ({path})")
     if fmt.name == "chat":
         fmt.template_for(engine.tok)  # refuse now, not at its first request, if there is no chat template

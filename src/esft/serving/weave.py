@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..adapter.esft_lora import is_lora_adapter, materialize, read_lora_adapter
 from ..adapter.fingerprint import model_fingerprint
 from ..adapter.io import Adapter, AdapterError, _split, check_base, read_adapter
 from ..models.layout import expert_params
@@ -92,6 +93,9 @@ class Weaver:
         its rows into free slots. Nothing changes unless it succeeds; the name is routable once it returns."""
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
+        if not isinstance(adapter, Adapter) and is_lora_adapter(adapter):
+            # ESFT-LoRA: its merged rows W_e + (alpha/r) B_e A_e, computed once here, are served as an ESFT adapter's
+            adapter = materialize(read_lora_adapter(adapter), self.model, self.fingerprint, allow_other_base)
         a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
         if not allow_other_base:
             check_base(self.model, a, self.fingerprint)

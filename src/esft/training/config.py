@@ -15,10 +15,12 @@ class TrainConfig:
     train_data: str | list = _f("", "data to learn: a file (JSON lines/array, parquet, CSV/TSV, arrow; .gz/.bz2/.zst), "
                                 "a glob, a folder, a save_to_disk folder, a YAML file of sources, or a list of sources "
                                 "{path, format, columns, weight}; layouts messages, sharegpt, alpaca, prompt_completion, "
-                                "text (README: Data)")
+                                "text (docs: guides/data.md)")
     output_dir: str = _f("", "where checkpoints, logs and the adapter go")
-    method: str = _f("esft", "esft (only the experts of expert_config), full (full fine-tuning) or lora (PEFT LoRA baseline)")
-    expert_config: str | None = _f(None, "expert_cfg.json from `esft select` (method=esft)")
+    method: str = _f("esft", "esft (only the experts of expert_config), full (full fine-tuning), lora (PEFT LoRA "
+                     "baseline) or esft-lora (LoRA of rank lora_rank on the experts of expert_config only, saved as "
+                     "a PEFT adapter)")
+    expert_config: str | None = _f(None, "expert_cfg.json from `esft select` (method=esft and method=esft-lora)")
     valid_data: str | list | None = _f(None, "validation data (same forms as train_data); if unset, valid_fraction "
                                        "of train_data is held out")
     data_format: str | None = _f(None, "layout of every source that names none: messages, sharegpt, alpaca, "
@@ -73,15 +75,24 @@ class TrainConfig:
                                  "pretraining rate is 1e-3). 0 = off (default): the bias stays as pretrained, as "
                                  "DeepSeek-V3 froze it for its last 500B pretraining tokens. Under ESFT the router, "
                                  "bias included, is frozen")
-    lora_rank: int = _f(8, "LoRA rank (method=lora; paper: 8, on attention and expert weights)")
-    lora_alpha: int = _f(16, "LoRA alpha (method=lora)")
+    lora_rank: int = _f(8, "LoRA rank (method=lora; paper: 8, on attention and expert weights; method=esft-lora: "
+                        "on each selected expert's gate_up_proj and down_proj, at most their smaller dimension)")
+    lora_alpha: int = _f(16, "LoRA alpha (method=lora and esft-lora; the update is scaled by lora_alpha/lora_rank)")
+    lora_dropout: float = _f(0.0, "LoRA dropout (method=lora and esft-lora): must be 0, since a LoRA on a fused "
+                             "expert weight never sees its input apart (PEFT refuses dropout on target_parameters too)")
 
     def __post_init__(self):
         """Every value is checked here, before any model or data is read (a refusal costs nothing)."""
-        if self.method not in ("esft", "full", "lora"):
-            raise ValueError(f"method must be esft, full or lora, got {self.method!r}")
-        if self.method == "esft" and not self.expert_config:
-            raise ValueError("method=esft needs expert_config (the expert_cfg.json written by `esft select`)")
+        if self.method not in ("esft", "full", "lora", "esft-lora"):
+            raise ValueError(f"method must be esft, full, lora or esft-lora, got {self.method!r}")
+        if self.method in ("esft", "esft-lora") and not self.expert_config:
+            raise ValueError(f"method={self.method} needs expert_config (the expert_cfg.json written by `esft select`"
+                             f"{': LoRA goes on its experts only' if self.method == 'esft-lora' else ''})")
+        check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        if self.lora_dropout and self.method in ("lora", "esft-lora"):
+            raise ValueError(f"lora_dropout={self.lora_dropout}: method={self.method} puts LoRA on the fused expert "
+                             "tensors, whose input a weight-space LoRA never sees apart (PEFT refuses lora_dropout on "
+                             "target_parameters for the same reason); set lora_dropout=0")
         for name in ("model", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")

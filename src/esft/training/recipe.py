@@ -7,7 +7,7 @@ Output directory:
 
     config.yaml            the exact config used
     checkpoints/step-N/    resumable state: fp32 trainable tensors, AdamW, step (atomic, newest kept; checkpoint.py)
-    adapter/               best adapter by validation loss (esft), atomic
+    adapter/               best adapter by validation loss (esft; esft-lora and lora: a PEFT adapter), atomic
     last/                  adapter (esft) or full checkpoint (full) after the last step
     tb/                    TensorBoard logs
     train_log.jsonl        one line per logged step / evaluation
@@ -250,7 +250,7 @@ def run_inputs(cfg: TrainConfig) -> dict[str, str | None]:
     from ..data.spec import spec_paths
 
     dm = cfg.device_map if cfg.device_map and str(cfg.device_map).endswith(".json") else None
-    inputs = {"model": cfg.model, "expert_config": cfg.expert_config if cfg.method == "esft" else None,
+    inputs = {"model": cfg.model, "expert_config": cfg.expert_config if cfg.method in ("esft", "esft-lora") else None,
               "device_map file": dm}
     for name in ("train_data", "valid_data"):
         for i, path in enumerate(spec_paths(getattr(cfg, name)) if getattr(cfg, name) else []):
@@ -446,7 +446,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     check_inputs(cfg)
     check_output_dir(cfg)
     check_context(cfg, model)
-    expert_cfg = read_expert_config(cfg.expert_config) if cfg.method == "esft" else None
+    expert_cfg = read_expert_config(cfg.expert_config) if cfg.method in ("esft", "esft-lora") else None
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
     train_data, valid_data = load_data(cfg, tokenizer)
@@ -477,6 +477,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     meter = LoadMeter(model)
 
     plan: TrainablePlan | None = None
+    lplan = None  # method=esft-lora: LoRA factors on the selected experts (training/esft_lora.py)
     if cfg.method == "esft":
         # Under torchrun each layer's trainable copy is sharded over the ranks as soon as it exists.
         plan = apply_esft(model, expert_cfg, prepare=shard_trainable(job, model_dtype))  # validates the config
@@ -484,6 +485,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     elif cfg.method == "lora":
         model = lora_wrap(model, cfg)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    elif cfg.method == "esft-lora":
+        from .esft_lora import apply_esft_lora
+
+        lplan = apply_esft_lora(model, expert_cfg, cfg.lora_rank, cfg.lora_alpha, f"expert_config {cfg.expert_config}")
+        params = dict(lplan.params)
     else:
         params = full_plan(model)
     check_in_memory(params)  # shared experts, non-expert modules, LoRA targets, full fine-tuning
@@ -561,6 +567,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         if job.main:
             save_adapter(plan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype, source=whole)
 
+    def write_lora(where: Path, step: int, **extra):
+        """esft-lora: the selected experts' factors as a PEFT adapter (adapter/esft_lora.py)."""
+        from ..adapter.esft_lora import save_lora_adapter
+
+        check_finite(step, f"adapter {where.name}/")
+        if job.main:
+            save_lora_adapter(lplan, where, base_fp, {**meta, "step": step, **extra}, dtype=save_dtype,
+                              source=masters.masters)
+
     def save_model(where: Path):
         """full: a whole checkpoint (+ tokenizer); lora: the PEFT adapter directory."""
         if job.enabled:
@@ -573,6 +588,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
     def save_best(step: int):
         if plan is not None:
             write_adapter(out / "adapter", step, valid_loss=best)
+        elif lplan is not None:
+            write_lora(out / "adapter", step, valid_loss=best)
         else:  # full fine-tuning keeps its best whole checkpoint, as the others keep their best adapter
             save_model(out / ("adapter" if cfg.method == "lora" else "best"))
 
@@ -673,6 +690,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -
         write_adapter(out / "last", cfg.steps)
         if valid_data is None or not (out / "adapter").exists():  # no validation loss ever scored: the last
             write_adapter(out / "adapter", cfg.steps)
+        adapter_dir = str(out / "adapter")
+    elif lplan is not None:
+        write_lora(out / "last", cfg.steps)
+        if valid_data is None or not (out / "adapter").exists():
+            write_lora(out / "adapter", cfg.steps)
         adapter_dir = str(out / "adapter")
     else:
         save_model(out / "last")

@@ -108,7 +108,13 @@ class Registry:
         from ..adapter.fingerprint import fingerprint_mismatch, fingerprint_version
         from ..adapter.io import AdapterError, check_family, read_adapter
 
+        from ..adapter.esft_lora import is_lora_adapter
+
         full = check_links(Path(path), self.adapter_root)
+        if is_lora_adapter(full):
+            raise EsftAdapterError(f"adapter {name!r} ({path}) is an ESFT-LoRA adapter (method=esft-lora), which this "
+                                   "vLLM engine does not weave: serve it with `esft serve --engine esft`, merge it with "
+                                   "`esft merge`, or load it with vLLM's own MoE LoRA (a PEFT adapter)")
         try:
             a = read_adapter(full)
             check_family(a, self.model_type)
