@@ -220,12 +220,6 @@ def load_factors(plan: LoRAPlan, factors: dict[int, dict[str, tuple[torch.Tensor
 @torch.no_grad()
 def unwrap_esft_lora(model: nn.Module) -> nn.Module:
     """Write W + scale * B @ A into the selected rows and restore the original expert modules. In place."""
-    family = get_family(model)
-    for l in moe_layers(model):
-        if isinstance(l.experts, ESFTLoRAExperts):
-            merged = l.experts.merged()
-            base = l.experts.restore()
-            for n, w in merged.items():
-                getattr(base, n).copy_(w)
-            setattr(l.block, family.experts_attr, base)
-    return model
+    from .experts import unwrap_esft
+
+    return unwrap_esft(model, (ESFTLoRAExperts,))

@@ -181,11 +181,15 @@ def apply_esft(model: nn.Module, expert_cfg: dict, prepare=None) -> TrainablePla
 
 
 @torch.no_grad()
-def unwrap_esft(model: nn.Module) -> nn.Module:
-    """Write trained experts back into the fused tensors and restore the original modules. In place."""
+def unwrap_esft(model: nn.Module, kinds: tuple[type, ...] | None = None) -> nn.Module:
+    """Write trained experts back into the fused tensors and restore the original modules. In place.
+
+    ``kinds``: the overlay classes to unwrap (default ESFTExperts; esft-lora passes its own): each has
+    ``merged()`` -> {tensor name: [E, ...] merged weights} and ``restore()`` -> the original module."""
     family = get_family(model)
+    kinds = kinds or (ESFTExperts,)
     for l in moe_layers(model):
-        if isinstance(l.experts, ESFTExperts):
+        if isinstance(l.experts, kinds):
             merged = l.experts.merged()
             base = l.experts.restore()
             for n, w in merged.items():
