@@ -5,11 +5,13 @@
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
 #   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
-#   make report-extended  the same + ablations and the p sweep (reuses the report's runs)
+#   make report-extended  the same + ablations, the p sweep and, on the front, ESFT-Token + shared, router-first
+#                         ESFT, ESFT-LoRA r=8/32, LoRA r=1/2 (reuses the report's runs)
 #   make pretrain-lfb     pretrain small-lfb (Loss-Free Balancing) and its aux-loss twin with the same router
 #   make balance-report   aux loss vs Loss-Free Balancing: validation loss, MaxVio, specialization -> docs/balance.md
 #   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
 #   make report-v2lite    the matched-forgetting comparison on v2lite -> docs/report_v2lite.md
+#   make report-v2lite-methods  the same with issue 26's methods on the front
 #   make bench-precision bf16 with fp32 masters vs fp32 vs bf16 in place; cost of ESFT/FFT in fp32/bf16
 #   make bench-data  data pipeline: tokenization cold vs cached vs streamed (rows/s, tokens/s, peak RSS)
 #   make bench-serve woven multi-adapter serving vs base alone vs one merged model per adapter
@@ -120,6 +122,11 @@ V2LITE_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1
 report-v2lite: install
 	$(BIN)/esft report model=v2lite seeds=3 $(V2LITE_GRIDS)
 
+# issue 26's methods on v2lite's front too (no ablations or p sweep; reuses report-v2lite's runs)
+report-v2lite-methods: install
+	$(BIN)/esft report model=v2lite seeds=3 $(V2LITE_GRIDS) 'sweep_esft_lora=[5e-4,1e-3,2e-3,5e-3,1e-2,2e-2]' \
+		'methods=[full,lora,lora-r2,lora-r1,esft,esft-shared,esft-router,esft-lora-r8,esft-lora-r32]'
+
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
 
@@ -155,4 +162,4 @@ docs: install
 docs-serve: install
 	$(DOCS_ENV) $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
-.PHONY: docs docs-serve pretrain-lfb balance-report test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: docs docs-serve pretrain-lfb balance-report report-v2lite-methods test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

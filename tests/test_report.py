@@ -78,7 +78,8 @@ def small_report(tmp_path_factory):
     cfg = ReportConfig(report=str(root / "r" / "report.md"), work_dir=str(root / "work"), tasks=["translate_synth"],
                        seeds=2, steps=2, eval_every=1, n_train=60, n_valid=8, n_eval=6, n_general=2,
                        profile_tokens=1024, sweep_esft=[1e-3, 1e-2], sweep_full=[1e-4], sweep_lora=[1e-3],
-                       p_sweep=[0.5], ablations=False, workers=0, extended=True)
+                       p_sweep=[0.5], ablations=False, workers=0, extended=True,
+                       methods=["full", "lora", "esft"])  # the paper's three (test_report_methods: the others)
     state = run_report(cfg, progress=False, command="esft report (test)")
     return cfg, state, (root / "r" / "report.md").read_text()
 

@@ -495,14 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "2, 5 points), with frontier plots; the LR chosen by validation loss gives the second view. "
                         "Finished runs are cached under work_dir, so an interrupted report resumes. Examples:\n"
                         "  esft report                 # the default report (docs/timings.md gives its time)\n"
-                        "  esft report --extended      # + ablations and the p sweep (reuses the default's runs)\n"
+                        "  esft report --extended      # + ablations, the p sweep, and on the front: ESFT-Token + shared,\n"
+                        "                              # router-first ESFT, ESFT-LoRA r=8/32, LoRA r=1/2 (reuses the default's runs)\n"
+                        "  esft report 'methods=[full,lora,esft,esft-lora-r8]'  # choose the methods on the front\n"
                         "  esft report --quick         # 1 seed, 50 steps, no LR grid (< 10 min)\n"
                         "  esft report model=v2lite    # the second shipped model -> docs/report_v2lite.md, "
                         "runs/report_v2lite\n"
                         "  esft report seeds=5 tasks=[translate_synth]\n\nconfig keys:\n" + field_help(ReportConfig))
     sp.add_argument("--config", help="YAML file of ReportConfig keys (see below)")
     sp.add_argument("--quick", action="store_true", help="same as quick=true")
-    sp.add_argument("--extended", action="store_true", help="same as extended=true: also the ablations and p sweep")
+    sp.add_argument("--extended", action="store_true", help="same as extended=true: also the ablations and p sweep, "
+                    "and every method of the extended list on the matched-forgetting front (see methods)")
     sp.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
     common(sp)
     sp.set_defaults(func=cmd_report)

@@ -92,18 +92,38 @@ class ReportConfig:
     lr_esft: float = _f(1e-2, "ESFT learning rate when the LR grid is off (--quick; all ESFT variants and ablations). By validation loss the old 3-LR sweep picked 1e-2, the 5-LR grid picks 5e-3")
     lr_full: float = _f(1e-3, "full fine-tuning learning rate when the LR grid is off (by validation loss both grids pick 1e-3)")
     lr_lora: float = _f(3e-3, "LoRA learning rate when the LR grid is off (by validation loss both grids pick 3e-3)")
-    sweep: bool = _f(True, "train ESFT-Token, FFT and LoRA at every LR of their grids (seed 0), then more seeds at the "
-                           "LRs on each method's frontier; the headline is task skill at matched forgetting, and the "
+    sweep: bool = _f(True, "train every method of `methods` (default ESFT-Token, FFT and LoRA) at every LR of its grid "
+                           "(seed 0), then more seeds at the LRs on each method's frontier; the headline is task skill at matched forgetting, and the "
                            "LR with the best validation loss gives the second view")
     sweep_esft: list[float] = _f(None, "ESFT learning rates (the grid of the frontier and of the LR choice)",
                                  lambda: [1e-3, 2e-3, 3e-3, 5e-3, 1e-2])
     sweep_full: list[float] = _f(None, "full fine-tuning learning rates", lambda: [1e-4, 2e-4, 3e-4, 5e-4, 1e-3])
-    sweep_lora: list[float] = _f(None, "LoRA learning rates", lambda: [3e-4, 1e-3, 2e-3, 3e-3, 6e-3])
+    sweep_lora: list[float] = _f(None, "LoRA learning rates (every rank: alpha = 2 x rank keeps the update's scale)",
+                                 lambda: [3e-4, 1e-3, 2e-3, 3e-3, 6e-3])
+    sweep_esft_lora: list[float] = _f(None, "ESFT-LoRA learning rates (LoRA on ESFT-Token's experts only: fewer "
+                                            "weights move than under LoRA, so the grid reaches higher)",
+                                      lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2])
+    lr_esft_lora: float = _f(5e-3, "ESFT-LoRA learning rate when the LR grid is off")
+    methods: list[str] | None = _f(None, "the methods on the matched-forgetting front, each trained over its LR grid "
+                                         "with more seeds at its front: full, lora (r=8), esft (ESFT-Token), "
+                                         "esft-shared (+ shared experts), esft-router (router-first selection, then "
+                                         "ESFT-Token under the original routers), lora-r<N> (LoRA of rank N), "
+                                         "esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts only). Default: "
+                                         "[full, lora, esft]; --extended: [full, lora, lora-r2, lora-r1, esft, "
+                                         "esft-shared, esft-router, esft-lora-r8, esft-lora-r32]. Needs the LR grid "
+                                         "(sweep)")
+    router_stage_steps: int = _f(16, "esft-router: AdamW steps of the router-only stage before profiling (16 x 8 "
+                                     "rows x 256 tokens = the 32,768 profiled tokens seen once, 16% of a run's "
+                                     "training tokens)")
+    router_stage_lr: float = _f(5e-4, "esft-router: learning rate of the router stage (the RouterLens code's)")
+    router_stage_batch_size: int = _f(8, "esft-router: packed rows per router-stage step (the training batch)")
     budgets: list[float] = _f(None, "forgetting budgets in general-ability points: the headline table gives each "
                                     "method's task score at this much forgetting (its Pareto front's height)",
                               lambda: [1.0, 2.0, 5.0])
     extended: bool = _f(False, "also run the ablations (random experts, + shared, + non-expert) and the p sweep "
-                               "(88 more runs with 3 seeds: 65 minutes on a 2-core VM after the default report)")
+                               "(88 more runs with 3 seeds: 65 minutes on a 2-core VM after the default report), "
+                               "and put every method of the --extended `methods` list on the front (about 255 more "
+                               "runs, about 3.7 hours more on a 2-core VM, estimated from the runs' recorded times)")
     p_sweep: list[float] = _f(None, "extra ESFT-Token p values (seed 0 only; [] = skip; --extended: 0.05 0.1 0.3 0.5)",
                               list)
     ablations: bool | None = _f(None, "run the ablations: random experts, + shared experts, + non-expert modules "
@@ -129,6 +149,7 @@ class ReportConfig:
         if self.quick:
             self.seeds, self.steps, self.sweep, self.p_sweep = 1, min(self.steps, 50), False, []
             self.eval_every = min(self.eval_every, max(self.steps // 2, 1))
+        self._resolve_methods()
         from ..tasks import get_task
 
         if not self.tasks and not self.user_tasks:
@@ -146,6 +167,39 @@ class ReportConfig:
             raise ValueError(f"budgets are forgetting in points and must be >= 0, got {self.budgets}")
         if self.seeds < 1 or self.steps < 1 or self.workers < 0:
             raise ValueError("seeds and steps must be >= 1, workers >= 0")
+
+    def _resolve_methods(self) -> None:
+        from .plan import DEFAULT_METHODS, EXTENDED_METHODS, canonical_method, front_variant
+
+        explicit = self.methods is not None
+        if not explicit:
+            self.methods = list(EXTENDED_METHODS if self.extended else DEFAULT_METHODS)
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ValueError(f"methods must name at least one front method, e.g. {DEFAULT_METHODS}, got {self.methods!r}")
+        self.methods = [canonical_method(m) for m in self.methods]
+        for m in self.methods:
+            front_variant(m)  # an unknown id raises with the list of ids
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods names a method twice: {self.methods} (lora-r8 is lora)")
+        if not self.sweep:  # no LR grid, so no front: the paper's layout alone (run.report_runs)
+            extra = [m for m in self.methods if m not in DEFAULT_METHODS]
+            if extra and explicit:
+                raise ValueError(f"methods {extra} are compared on the matched-forgetting front, which needs the LR "
+                                 "grid: drop quick=true / sweep=false, or leave them out")
+            self.methods = [m for m in self.methods if m in DEFAULT_METHODS]
+        for name in ("router_stage_steps", "router_stage_batch_size"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+
+    def grid(self, method: str) -> list[float]:
+        """The LR grid of a front method (its family's sweep_* list)."""
+        from .plan import GRIDS, method_grid
+
+        return list(getattr(self, GRIDS[method_grid(method)]))
+
+    def fixed_lr(self) -> dict[str, float]:
+        """Each LR family's learning rate when the grid is off (and before it has chosen)."""
+        return {"esft": self.lr_esft, "full": self.lr_full, "lora": self.lr_lora, "esft_lora": self.lr_esft_lora}
 
     @property
     def all_tasks(self) -> list[str]:

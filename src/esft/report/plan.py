@@ -9,19 +9,22 @@ report skips every run whose result is already on disk.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    method: str  # TrainConfig.method: esft | full | lora
-    lr_of: str  # which learning rate it uses: esft | full | lora
+    method: str  # TrainConfig.method: esft | full | lora | esft-lora
+    lr_of: str  # which learning rate it uses: esft | full | lora | esft_lora
     score_function: str | None = None  # esft variants: token | gate
     top_p: float | None = None
     random: bool = False  # same per-layer counts as the scored selection, experts drawn at random (Table 4)
     shared: bool = False  # also train the shared experts (Table 3)
     non_expert: bool = False  # also train attention, norms, embeddings, routers, head (Table 3)
+    rank: int | None = None  # LoRA rank (lora, esft-lora; alpha = 2 x rank); None: TrainConfig's 8 (alpha 16)
+    router_stage: bool = False  # experts scored after the router-first stage (Router Lens / CEFT)
 
 
 MAIN = [
@@ -38,15 +41,61 @@ ABLATIONS = [
 ]
 SWEPT = {"esft": "ESFT-Token", "full": "FFT", "lora": "LoRA"}  # the variant each LR family is swept on
 
+# Front methods: each is trained at every LR of its own grid (seed 0), then with more seeds at the LRs on its
+# front, and gets a row in the matched-forgetting headline. An id names the method in `methods=[...]`, in the
+# report's state (lr, sweep, frontier_lrs) and nowhere in a run's key, which is built from the variant's name:
+# the paper's three keep their ids (= their LR families) and variant names, so their ledger entries stay valid.
+DEFAULT_METHODS = ["full", "lora", "esft"]
+EXTENDED_METHODS = ["full", "lora", "lora-r2", "lora-r1", "esft", "esft-shared", "esft-router", "esft-lora-r8",
+                    "esft-lora-r32"]
+ROUTER_FIRST = Variant("ESFT-Token (router-first)", "esft", "esft", "token", 0.2, router_stage=True)
+_RANKED = re.compile(r"(esft-lora|lora)-r([1-9][0-9]*)")
+_RANKED_NAME = re.compile(r"(ESFT-LoRA|LoRA) r=([1-9][0-9]*)")
+GRIDS = {"esft": "sweep_esft", "full": "sweep_full", "lora": "sweep_lora", "esft_lora": "sweep_esft_lora"}
+
+
+def _ranked_variant(kind: str, rank: int) -> Variant:
+    if kind == "lora":
+        return Variant(f"LoRA r={rank}", "lora", "lora", rank=rank)
+    return Variant(f"ESFT-LoRA r={rank}", "esft-lora", "esft_lora", "token", 0.2, rank=rank)
+
+
+def canonical_method(mid: str) -> str:
+    """A front method's id as the report keeps it: 'lora-r8' is the paper's LoRA baseline, 'lora'."""
+    return "lora" if mid == "lora-r8" else mid
+
+
+def front_variant(mid: str) -> Variant:
+    """The variant a front method trains. Ids: full, lora (r=8), esft (ESFT-Token), esft-shared (+ shared
+    experts), esft-router (router-first selection), lora-r<N>, esft-lora-r<N>."""
+    mid = canonical_method(mid)
+    fixed = {"full": MAIN[0], "lora": MAIN[1], "esft": MAIN[2], "esft-shared": ABLATIONS[2], "esft-router": ROUTER_FIRST}
+    if mid in fixed:
+        return fixed[mid]
+    m = _RANKED.fullmatch(mid) if isinstance(mid, str) else None
+    if m:
+        return _ranked_variant(m.group(1), int(m.group(2)))
+    raise ValueError(f"unknown report method {mid!r}; known: full, lora, esft, esft-shared, esft-router, lora-r<N> "
+                     "(LoRA of rank N), esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts), e.g. "
+                     + ", ".join(EXTENDED_METHODS))
+
+
+def method_grid(mid: str) -> str:
+    """The LR grid family of a front method: esft, full, lora or esft_lora (ReportConfig's ``GRIDS[family]``)."""
+    return front_variant(mid).lr_of
+
 
 def p_variant(p: float) -> Variant:
     return Variant(f"ESFT-Token p={p:g}", "esft", "esft", "token", p)
 
 
 def variant_by_name(name: str, p_values: list[float] = ()) -> Variant:
-    for v in MAIN + ABLATIONS + [p_variant(p) for p in p_values]:
+    for v in MAIN + ABLATIONS + [ROUTER_FIRST] + [p_variant(p) for p in p_values]:
         if v.name == name:
             return v
+    m = _RANKED_NAME.fullmatch(name)
+    if m:
+        return _ranked_variant("lora" if m.group(1) == "LoRA" else "esft-lora", int(m.group(2)))
     raise KeyError(name)
 
 
@@ -72,14 +121,16 @@ class Run:
 
 
 def sweep_runs(tasks: list[str], lrs: dict[str, list[float]]) -> list[Run]:
-    """Seed 0 of the swept variant of each LR family, at each candidate LR, on every task."""
-    return [Run(t, SWEPT[fam], lr, 0) for fam, grid in lrs.items() for lr in grid for t in tasks]
+    """Seed 0 of each front method (``lrs``: method id -> its grid; the paper's three ids are their LR
+    families), at each candidate LR, on every task."""
+    return [Run(t, front_variant(m).name, lr, 0) for m, grid in lrs.items() for lr in grid for t in tasks]
 
 
 def frontier_seed_runs(support: dict[tuple[str, str], list[float]], seeds: int) -> list[Run]:
-    """Seeds 1.. of the swept variant at the LRs on each (family, task)'s frontier (``support``:
-    (family, task) -> LRs, from seed 0's grid); seed 0 is already in the grid."""
-    return [Run(t, SWEPT[fam], lr, s) for (fam, t), lrs in support.items() for lr in lrs for s in range(1, seeds)]
+    """Seeds 1.. of each front method at the LRs on its frontier per task (``support``: (method id, task) ->
+    LRs, from seed 0's grid); seed 0 is already in the grid."""
+    return [Run(t, front_variant(m).name, lr, s) for (m, t), lrs in support.items() for lr in lrs
+            for s in range(1, seeds)]
 
 
 def report_runs(tasks: list[str], seeds: int, lr: dict[str, float], ablations: bool,

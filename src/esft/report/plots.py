@@ -132,7 +132,7 @@ def frontiers(panels: dict[str, dict], budgets: list[float], path: str | Path) -
     """One panel per task: each method's Pareto-front height (task score) against the forgetting budget.
 
     ``panels``: task -> {"base": base task score, "methods": {method: {"budget": [b...],
-    "mean": [...], "std": [...], "runs": [(forgetting, score, lr, seed), ...]}}}. The curve is the
+    "mean": [...], "std": [...], "runs": [(forgetting, score, lr, seed), ...], "ls": line style (optional)}}}. The curve is the
     seeds' mean frontier value (band: ± std); the dots are the individual runs (hollow: seed 0 of
     the LR grid; filled: the other seeds at the frontier LRs).
     """
@@ -148,7 +148,7 @@ def frontiers(panels: dict[str, dict], budgets: list[float], path: str | Path) -
         for method, m in panel["methods"].items():
             c = colors.setdefault(method, f"C{len(colors)}")
             b, mean, std = (np.asarray(m[k], dtype=float) for k in ("budget", "mean", "std"))
-            ax.plot(b, mean, color=c, lw=1.8, label=method)
+            ax.plot(b, mean, color=c, lw=1.8, ls=m.get("ls", "-"), label=method)
             ax.fill_between(b, mean - std, mean + std, color=c, alpha=0.15, lw=0)
             for f, s, _lr, seed in m["runs"]:
                 ax.scatter([f], [s], s=18, edgecolors=c, facecolors="none" if seed == 0 else c, alpha=0.8, lw=0.8)

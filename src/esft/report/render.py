@@ -181,7 +181,8 @@ def write_report(state: dict, path) -> None:
          f"the best checkpoint by validation loss is evaluated (greedy decoding). Up to {seeds_txt} per method, task "
          "and LR" + (" (mean ± sample std" + ("; which LRs have them is said below" if state["sweep"] else "") + ")"
                      if cfg["seeds"] > 1 else "") + ". Learning rates: "
-         + ", ".join(f"{SWEPT[f]} family {lr[f]:g}" for f in ("esft", "full", "lora"))
+         + ", ".join(f"{SWEPT[f]} family {lr[f]:g}" + ("" if not state["sweep"] or f in state["sweep"] else " (fixed: not on the front)")
+                     for f in ("esft", "full", "lora"))
          + (" (chosen by validation loss on the LR grid below) for the second view's tables." if state["sweep"]
             else " (fixed; no LR grid in this mode)."), ""]
 
@@ -198,7 +199,7 @@ def write_report(state: dict, path) -> None:
           "Per task, a method *wins* when its mean beats the other's by more than max(1 point, "
           "sqrt(std_a² + std_b²)), *loses* in the opposite case, and *ties* otherwise. Time, storage and "
           "optimizer state are ratios of means (ESFT / baseline).", ""]
-    L += verdicts(res, tasks, [v for v in ("ESFT-Token", "ESFT-Gate") if v in main], ["FFT", "LoRA"])
+    L += verdicts(res, tasks, [v for v in ("ESFT-Token", "ESFT-Gate") if v in main], [v for v in ("FFT", "LoRA") if v in main])
     L += ["", "### Downstream task scores (paper Table 1)", ""]
     L += score_table(res, main, tasks, "task_score", state["base"], sum(state["base"].values()) / len(tasks))
     L += ["", "### General ability after training on each task (paper Table 2)", "",
@@ -268,25 +269,26 @@ def write_report(state: dict, path) -> None:
 
     if state["sweep"]:
         L += ["", "## Learning-rate grid (seed 0, validation split)", "",
-              "Each method family's LR grid is run on its main variant; the second view's LR minimises the mean over tasks of "
+              "Each method on the front is run at every LR of its grid; the second view's LR minimises the mean over tasks of "
               "best validation loss / the best loss any LR reached on that task (1.00 = best everywhere). "
               "Task and general scores are shown for transparency; they did not drive this choice (they drive the headline). ESFT-Gate and the "
-              "ablations use the ESFT LR.", ""]
+              "ablations use ESFT-Token's LR.", ""]
         rows = []
+        names = front_methods(state)
         for fam, info in state["sweep"].items():
             for g, rel in sorted(info["relative_loss"].items(), key=lambda kv: float(kv[0])):
                 g = float(g)
-                runs = res.runs(SWEPT[fam], lr=g)
+                runs = res.runs(names[fam], lr=g)
                 runs = [r for r in runs if r["seed"] == 0]
                 by_task = {r["task"]: r for r in runs}
-                rows.append([SWEPT[fam], f"{g:g}" + (" **(chosen)**" if g == info["chosen"] else ""), f"{rel:.3f}"]
+                rows.append([names[fam], f"{g:g}" + (" **(chosen)**" if g == info["chosen"] else ""), f"{rel:.3f}"]
                             + [f"{by_task[t]['best_valid_loss']:.3f}" if t in by_task and by_task[t]['best_valid_loss']
                                is not None else "–" for t in tasks]
                             + [f"{statistics.fmean(r['task_score'] for r in runs):.1f}" if runs else "–",
                                f"{statistics.fmean(r['general'] for r in runs):.1f}" if runs else "–"])
         L += table(["method", "lr", "relative loss"] + [f"valid loss {t}" for t in tasks] + ["task avg", "general avg"],
                    rows)
-        edge = [f"{SWEPT[f]} ({info['chosen']:g})" for f, info in state["sweep"].items()
+        edge = [f"{names[f]} ({info['chosen']:g})" for f, info in state["sweep"].items()
                 if len(info["relative_loss"]) > 1 and info["chosen"] in (min(map(float, info["relative_loss"])), max(map(float, info["relative_loss"])))]
         if edge:
             L += ["", f"Chosen at the edge of its grid: {', '.join(edge)}; a wider sweep could move it further."]
@@ -354,12 +356,10 @@ def matched_forgetting(state: dict, tasks: list[str]) -> dict:
     the average.
     """
     from .frontier import matched
-    from .plan import SWEPT
 
     budgets = state["config"]["budgets"]
     out = {}
-    for fam in ("full", "lora", "esft"):
-        v = SWEPT[fam]
+    for fam, v in front_methods(state).items():
         # over the LRs of seed 0's front only: the values then do not depend on which other runs exist
         # (--extended adds seeds at the validation-loss LR), and seed 0's are those of its whole grid
         support = state.get("frontier_lrs", {})
@@ -374,6 +374,132 @@ def matched_forgetting(state: dict, tasks: list[str]) -> dict:
         out[v] = {"tasks": {t: {"values": m["seeds"], "lrs": m["lrs"]} for t, m in per_task.items()},
                   "average": avg}
     return out
+
+
+_LINESTYLE = {"full": "-", "esft": "-", "lora": "--", "esft-lora": "-."}  # the frontier plot's line per method kind
+
+
+def _total_experts(state: dict) -> int:
+    p = next(iter(state["profiles"].values()))
+    return p["num_experts"] * len(p["layers"])
+
+
+def front_methods(state: dict) -> dict[str, str]:
+    """Front method id -> its variant's name, in the report's order (a state from before `methods`: the paper's
+    three, whose ids are their LR families)."""
+    from .plan import SWEPT
+
+    if state.get("methods"):
+        return {m["id"]: m["variant"] for m in state["methods"]}
+    return {f: SWEPT[f] for f in ("full", "lora", "esft")}
+
+
+def _runs_of(state: dict, variant: str) -> list[dict]:
+    return [r for r in state["results"] if r["variant"] == variant]
+
+
+def method_lines(state: dict, names: dict[str, str]) -> list[str]:
+    """What each front method trains, and its LR grid (read from the state, not typed)."""
+    cfg = state["config"]
+    out = []
+    for mid, name in names.items():
+        v = variant_by_name(name)
+        r = v.rank or 8
+        if v.method == "full":
+            d = "every weight of the model"
+        elif v.method == "lora":
+            d = (f"PEFT LoRA of rank {r} (alpha {2 * r}) on every attention projection and on the fused expert "
+                 f"tensors (one rank-{r} pair per routed expert)")
+        elif v.method == "esft-lora":
+            d = (f"LoRA of rank {r} (alpha {2 * r}) on gate_up_proj and down_proj of the experts ESFT-Token selects, "
+                 "nothing else (MoE-Sieve's setting); stored as a PEFT adapter, whose 3-D layout holds every expert's "
+                 "rows (the unselected ones zero)")
+        elif v.router_stage:
+            d = (f"the routers first train alone for {cfg.get('router_stage_steps')} AdamW steps (lr "
+                 f"{cfg.get('router_stage_lr'):g}, {cfg.get('router_stage_batch_size')} packed rows of "
+                 f"{cfg['seq_len']} tokens per step) on the task's profiled rows; the experts are scored under the tuned "
+                 f"routing and chosen as ESFT-Token's (p = {v.top_p:g}); the tuned routers are then discarded and the "
+                 "chosen experts train under the checkpoint's own routers (Router Lens / CEFT)")
+            stages = [rec for rec in (state.get("router_stage") or {}).values() if rec]
+            ov = [rec["overlap_with_esft_token"] for rec in stages if rec.get("overlap_with_esft_token") is not None]
+            if stages:
+                d += (f". The stage took the answer-token loss from {statistics.fmean(x['loss_before'] for x in stages):.3f}"
+                      f" to {statistics.fmean(x['loss_after'] for x in stages):.3f} (mean over tasks)"
+                      + (f", and its selection overlaps ESFT-Token's by {statistics.fmean(ov):.2f} (Jaccard, mean over "
+                         "tasks and layers; 1 = the same experts)" if ov else ""))
+        elif v.shared:
+            d = "ESFT-Token's experts and the shared experts"
+        else:
+            d = (f"the routed experts carrying the top p = {v.top_p:g} of the task's token selections in each MoE "
+                 "layer (the paper's ESFT-Token), everything else frozen")
+        grid = sorted(float(g) for g in (state.get("sweep", {}).get(mid) or {}).get("relative_loss", {}))
+        out.append(f"- **{name}** (`{mid}`): {d}" + (f"; LR grid {', '.join(f'{g:g}' for g in grid)}" if grid else "")
+                   + ".")
+    return out
+
+
+def _model_params(state: dict) -> int | None:
+    """All parameters of the base model: recorded by the report, else what full fine-tuning trains."""
+    if state.get("model_params"):
+        return int(state["model_params"])
+    full = [r["trainable_params"] for r in state["results"] if r.get("method") == "full" and r.get("trainable_params")]
+    return int(full[0]) if full else None
+
+
+def cost_rows(state: dict, mf: dict) -> list[list[str]]:
+    """Per front method: its trainable share and costs (means over all its runs: they do not depend on the LR)
+    beside its task score at each budget."""
+    total = _model_params(state)
+    budgets = state["config"]["budgets"]
+    rows = []
+    for v, m in mf.items():
+        runs = _runs_of(state, v)
+
+        def mean(key, scale=1.0, digits=2, runs=runs):
+            vals = [r[key] / scale for r in runs if r.get(key) is not None]
+            return f"{statistics.fmean(vals):.{digits}f}" if vals else "–"
+
+        trainable = statistics.fmean(r["trainable_params"] for r in runs)
+        experts = [r["experts_trained"] for r in runs if r.get("experts_trained") is not None]
+        steps = [r["train_seconds"] / r["steps"] for r in runs if r.get("train_seconds") and r.get("steps")]
+        rows.append([v, f"{trainable / 1e6:.3f} M", f"{100 * trainable / total:.2f}" if total else "–",
+                     f"{statistics.fmean(experts):.1f}" if experts else ("all" if runs[0]["method"] == "full" else "–"),
+                     mean("optimizer_state_bytes", MiB), f"{statistics.fmean(steps):.2f}" if steps else "–",
+                     mean("artifact_bytes", MiB)]
+                    + [f"{mean_std(_col(m['average'], i))[0]:.1f}" for i in range(len(budgets))])
+    return rows
+
+
+def pick_lines(state: dict, mf: dict) -> list[str]:
+    """Which method to pick at each forgetting budget, from the headline's numbers: the highest score; the
+    methods within seed noise of it (the win/tie/lose rule); of those, the one that trains the fewest
+    parameters; and, where full fine-tuning leads, the best method that stores a small adapter."""
+    budgets = state["config"]["budgets"]
+    size = {v: statistics.fmean(r["trainable_params"] for r in _runs_of(state, v)) for v in mf}
+    total = _model_params(state)
+    share = lambda v: f"{100 * size[v] / total:.2f}% of the parameters" if total else f"{size[v] / 1e6:.3f} M parameters"  # noqa: E731
+    full = {v for v in mf if _runs_of(state, v)[0]["method"] == "full"}
+    lines = []
+    for i, b in enumerate(budgets):
+        vals = {v: _col(m["average"], i) for v, m in mf.items()}
+        means = {v: mean_std(x)[0] for v, x in vals.items()}
+        order = sorted(mf, key=lambda v: (-means[v], size[v]))
+        best = order[0]
+        tied = [v for v in order if v == best or compare(vals[v], vals[best]) == "tie"]
+        pick = min(tied, key=lambda v: (size[v], -means[v]))
+        text = f"- **Forgetting ≤ {b:g}:** {best} scores highest ({means[best]:.1f})"
+        if len(tied) > 1:
+            text += "; within seed noise of it: " + ", ".join(f"{v} ({means[v]:.1f})" for v in tied[1:])
+        elif len(order) > 1:
+            text += f", {means[best] - means[order[1]]:.1f} points above the next, {order[1]} (more than the seed noise)"
+        text += f". Pick **{pick}** ({share(pick)} trained)"
+        if pick in full:
+            small = [v for v in order if v not in full]
+            if small:
+                text += (f"; if a small adapter per task is needed, {small[0]} ({means[small[0]]:.1f}, "
+                         f"{means[small[0]] - means[best]:+.1f} points; {share(small[0])})")
+        lines.append(text + ".")
+    return lines
 
 
 def _col(values_by_seed: dict, i: int) -> list[float]:
@@ -406,7 +532,8 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             "chose which LRs to repeat, so its values are biased upwards (its own noise helped pick them); the "
             "values of the other seeds alone, which are not, are given below the table." if seeds > 1 else
             "; the average column averages the tasks. One seed: no spread is shown, and a difference of a few "
-            "points can be seed noise.") , ""]
+            "points can be seed noise.") , "", "The methods on the front (each at every LR of its own grid, seed 0):", ""]
+    L += method_lines(state, {mid: v for mid, v in front_methods(state).items() if v in mf}) + [""]
     rows = [["Base model (no training)"] + [f"{statistics.fmean(state['base'][t] for t in tasks):.1f}"] * len(budgets)]
     for v, m in mf.items():
         rows.append([v] + [fmt_ms(_col(m["average"], i)) for i in range(len(budgets))])
@@ -433,6 +560,19 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
         if later:
             L += ["", "Without seed 0 (mean of the other seeds, at ≤ " + " / ".join(f"{b:g}" for b in budgets)
                   + "): " + "; ".join(later) + "."]
+    L += ["", "### Which method at which forgetting budget", "",
+          "From the table above: the highest mean score at each budget, the methods within seed noise of it "
+          "(means apart by at most max(1 point, the combined seed std)), and of those the one that trains the "
+          "fewest parameters.", ""]
+    L += pick_lines(state, mf)
+    L += ["", "### Trainable share and cost beside the score", "",
+          "Means over every run of the method (all LRs and seeds; they do not depend on the LR): trainable "
+          "parameters and their share of the model's, experts trained (of "
+          + str(_total_experts(state)) + "), AdamW state, wall-clock training seconds per step (validation "
+          "included, the same machine and threads for every method), the weights a user keeps per task "
+          "(fp32 files), then the task score at each budget (the headline's).", ""]
+    L += table(["method", "trainable", "share of the model %", "experts trained", "optimizer state (MiB)",
+                "training s/step", "stored weights (MiB)"] + [f"score, ≤ {b:g}" for b in budgets], cost_rows(state, mf))
     L += ["", "Per task:", ""]
     rows = []
     for i, b in enumerate(budgets):
@@ -461,7 +601,7 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
             if not curves:  # no seed ran every LR of this task (a partial state): nothing to draw
                 continue
             arr = np.asarray(curves)
-            methods[v] = {"budget": grid, "mean": arr.mean(0),
+            methods[v] = {"budget": grid, "mean": arr.mean(0), "ls": _LINESTYLE.get(runs_v[0]["method"], "-"),
                           "std": arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(len(grid)),
                           "runs": [(state["base_general"] - r["general"], r["task_score"], r["lr"], r["seed"])
                                    for r in runs_v]}

@@ -21,10 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ReportConfig
-from .plan import MAIN, SWEPT, Run, choose_lr, frontier_seed_runs, report_runs, sweep_runs, variant_by_name
+from .plan import MAIN, Run, choose_lr, front_variant, frontier_seed_runs, report_runs, sweep_runs, variant_by_name
 
 log = logging.getLogger(__name__)
-COST = {"full": 3, "lora": 3, "esft": 1}  # rough relative step cost, to start the long runs first
+COST = {"full": 3, "lora": 3, "esft": 1, "esft-lora": 1}  # rough relative step cost, to start the long runs first
 
 
 def _safe_execute(job: dict) -> dict:
@@ -63,6 +63,8 @@ class Runner:
             save_every=0, keep_checkpoints=1, log_every=10, dtype=cfg.dtype, device=cfg.device, seed=run.seed,
             overwrite=True, tensorboard=False,
         )
+        if v.rank is not None:  # LoRA r=1, 2, ESFT-LoRA; the paper's LoRA keeps TrainConfig's 8/16 (and its key)
+            train.update(lora_rank=v.rank, lora_alpha=2 * v.rank)
         # what the result depends on beyond the settings: the files' contents and the base weights
         inputs = {"model": self.model_fingerprint,
                   **{k: self._content(train[k]) for k in ("train_data", "valid_data")},
@@ -245,22 +247,46 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
         base[u["name"]] = evaluate_user_task(model, tok, u["name"], u["eval"], u["metric"], cfg.n_eval).score
     base_general, base_per_domain = general_ability(model, tok, cfg.n_general, 0)
     profiles, selections, selected = {}, {}, {"token": {}, "gate": {}}
-    variants = [v for v in MAIN + (ABLATIONS if cfg.ablations else []) + [p_variant(p) for p in cfg.p_sweep]
-                if v.method == "esft"]
+    router_stage = {}  # task -> the router-first stage's record and how its selection differs
+    variants = []  # every variant that trains selected experts, once (a front method can also be an ablation)
+    for v in (MAIN + (ABLATIONS if cfg.ablations else []) + [p_variant(p) for p in cfg.p_sweep]
+              + [front_variant(m) for m in cfg.methods]):
+        if v.method in ("esft", "esft-lora") and v.name not in {u.name for u in variants}:
+            variants.append(v)
     for t in cfg.all_tasks:
         train = data[t]["train"]
-        prof = run_profile(ProfileConfig(data=str(train) if isinstance(train, Path) else train,
-                                         out=str(work / "profiles" / f"{t}.json"),
+        spec = str(train) if isinstance(train, Path) else train
+        prof = run_profile(ProfileConfig(data=spec, out=str(work / "profiles" / f"{t}.json"),
                                          max_tokens=cfg.profile_tokens, seq_len=cfg.seq_len, batch_size=8),
                            model=model, tokenizer=tok, progress=progress)
         profiles[t] = prof
+        tuned = stage = None
+        if any(v.router_stage for v in variants):  # the same rows, scored after a router-only stage (then undone)
+            tuned = run_profile(ProfileConfig(data=spec, out=str(work / "profiles" / f"{t}.router_first.json"),
+                                              max_tokens=cfg.profile_tokens, seq_len=cfg.seq_len, batch_size=8,
+                                              router_stage_steps=cfg.router_stage_steps,
+                                              router_stage_lr=cfg.router_stage_lr,
+                                              router_stage_batch_size=cfg.router_stage_batch_size),
+                                model=model, tokenizer=tok, progress=progress)
+            rec = tuned.meta["router_stage"]
+            # the expert config records the stage's settings only: its losses and seconds vary with the machine,
+            # and the file's hash is part of every run's cache key
+            stage = {k: rec[k] for k in ("method", "steps", "lr", "modules", "batch_size") if k in rec}
+            router_stage[t] = dict(rec)
         for v in variants:
-            scores = prof.token_scores if v.score_function == "token" else prof.gate_scores
+            src = tuned if v.router_stage else prof
+            scores = src.token_scores if v.score_function == "token" else src.gate_scores
             scfg = SelectConfig(score_function=v.score_function, top_p=v.top_p, train_shared_experts=v.shared,
                                 train_non_expert_modules=v.non_expert)
             chosen = select_experts(scores, scfg)
             if v.name in ("ESFT-Token", "ESFT-Gate"):
                 selected[v.score_function][t] = chosen
+            if v.router_stage:
+                selected.setdefault("router_first", {})[t] = chosen
+            if v.method == "esft-lora":  # a rank above an expert's smaller dimension: refused before any run
+                from ..training.esft_lora import check_lora_fits
+
+                check_lora_fits(model, {"experts": {int(l): e for l, e in chosen.items()}}, v.rank)
             for seed in range(cfg.seeds):
                 sel, name = chosen, Run(t, v.name, 0, seed).slug
                 if v.random:  # paper Table 4: same per-layer counts, experts drawn at random, one draw per seed
@@ -269,15 +295,22 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
                     name += f"_seed{seed}"
                 path = work / "selections" / t / f"{name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, expert_config(sel, scfg))
+                write_json_atomic(path, expert_config(sel, scfg, router_stage=stage if v.router_stage else None))
                 selections[(t, v.name, seed)] = str(path)
     from ..adapter.fingerprint import model_fingerprint
+    from .plots import overlap
 
+    for t, rec in router_stage.items():  # how far the tuned routing moved the selection (Jaccard, mean over layers)
+        rec["overlap_with_esft_token"] = overlap({"a": selected["token"].get(t, {}),
+                                                  "b": selected["router_first"][t]})["b"]["a"] \
+            if selected["token"].get(t) else None
+        rec["experts"] = sum(len(e) for e in selected["router_first"][t].values())
     fingerprint = model_fingerprint(model)
+    model_params = sum(p.numel() for p in model.parameters())
     del model
     return {"model_dir": model_dir, "model_fingerprint": fingerprint, "data": data, "base": base, "base_general": base_general,
             "base_per_domain": base_per_domain, "profiles": profiles, "selections": selections,
-            "selected": selected}
+            "selected": selected, "router_stage": router_stage, "model_params": model_params}
 
 
 def frontier_lrs(results: list[dict], variant: str, task: str, base_task: float, base_general: float,
@@ -300,20 +333,21 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
     t0 = time.perf_counter()
     prep = prepare(cfg, progress)
     runner = Runner(cfg, prep["model_dir"], prep["data"], prep["selections"], progress, prep["model_fingerprint"])
-    lr = {"esft": cfg.lr_esft, "full": cfg.lr_full, "lora": cfg.lr_lora}
+    lr = cfg.fixed_lr()  # LR family -> LR; with the grid, each front method's id -> the LR its validation loss picks
     tasks = cfg.all_tasks  # the suite's, then the user's
     sweep, sweep_results, support = {}, [], {}
     if cfg.sweep:
-        grids = {"esft": cfg.sweep_esft, "full": cfg.sweep_full, "lora": cfg.sweep_lora}
+        grids = {m: cfg.grid(m) for m in cfg.methods}  # method id -> its family's grid (the paper's: id = family)
         sweep_results = runner.execute(sweep_runs(tasks, grids), "LR grid (seed 0)")
-        for fam, grid in grids.items():
+        for m, grid in grids.items():
+            name = front_variant(m).name
             losses = {g: {r["task"]: (r["best_valid_loss"] if r["best_valid_loss"] is not None else float("inf"))
-                          for r in sweep_results if r["variant"] == SWEPT[fam] and r["lr"] == g} for g in grid}
-            lr[fam], rel = choose_lr(losses)
-            sweep[fam] = {"chosen": lr[fam], "relative_loss": rel}
+                          for r in sweep_results if r["variant"] == name and r["lr"] == g} for g in grid}
+            lr[m], rel = choose_lr(losses)
+            sweep[m] = {"chosen": lr[m], "relative_loss": rel}
             for t in tasks:  # the LRs that make seed 0's frontier: they get the other seeds
-                support[(fam, t)] = frontier_lrs(sweep_results, SWEPT[fam], t, prep["base"][t], prep["base_general"],
-                                                 cfg.budgets)
+                support[(m, t)] = frontier_lrs(sweep_results, name, t, prep["base"][t], prep["base_general"],
+                                               cfg.budgets)
     runs = frontier_seed_runs(support, cfg.seeds)
     if cfg.extended or cfg.ablations or cfg.p_sweep or not cfg.sweep:  # the paper's layout at the validation-loss LRs, every variant, every seed
         runs += report_runs(tasks, cfg.seeds, lr, cfg.ablations, cfg.p_sweep)
@@ -327,7 +361,9 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
         "base": prep["base"], "base_general": prep["base_general"], "base_per_domain": prep["base_per_domain"],
         "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,
                          "num_experts": p.num_experts, "top_k": p.top_k} for t, p in prep["profiles"].items()},
-        "selected": prep["selected"], "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
+        "selected": prep["selected"], "router_stage": prep["router_stage"], "model_params": prep["model_params"],
+        "methods": [{"id": m, "variant": front_variant(m).name} for m in cfg.methods] if cfg.sweep else [],
+        "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"), "runs_trained": len(runner.trained),
         "runs_reused": len(runner.reused),
     }
