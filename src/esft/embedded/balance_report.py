@@ -45,20 +45,35 @@ def measure(name: str, path: str, valid_per_task: int, batch_size: int, seed: in
     log = json.loads((d / "pretrain_log.json").read_text()) if (d / "pretrain_log.json").exists() else {}
     args = log.get("args", {})
     tok = AutoTokenizer.from_pretrained(str(d))
+    seed = args.get("seed", seed)  # each run on its own held-out set (its seed's tokenizer differs too)
     rows = valid_rows(tok, valid_per_task, seed, args.get("seq_len", 256))
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     t0 = time.perf_counter()
     v = validate(model, rows, batch_size, "cpu")
     steps = args.get("steps")
-    return {"name": name, "path": str(d), "model_type": model.config.model_type,
+    return {"name": name, "path": str(d), "model_type": model.config.model_type, "seed": seed,
             "balance": args.get("balance", "aux"), "gate": args.get("gate", "softmax"),
             "aux_coef": args.get("aux_coef"), "bias_rate": args.get("bias_rate"), "steps": steps,
             "train_seconds": log.get("train_seconds"), "threads": log.get("threads"),
             "seconds_per_step": round(log["train_seconds"] / steps, 3) if log.get("train_seconds") and steps else None,
             "train_maxvio_batch_mean": log.get("maxvio_batch_mean"),
+            "train_maxvio_batch_second_half": _late_maxvio(log.get("log", []), steps),
             "final_train_loss": (log.get("log") or [{}])[-1].get("loss"),
             "curve": [(r["step"], r.get("loss"), r.get("maxvio_batch")) for r in log.get("log", [])],
             "valid": v, "measure_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _late_maxvio(log: list[dict], steps: int | None) -> float | None:
+    """Mean batch MaxVio over the logged steps of the second half of training (after the start-up phase)."""
+    vals = [r["maxvio_batch"] for r in log if steps and r["step"] >= steps // 2 and r.get("maxvio_batch") is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def seed_pairs(results: list[dict]) -> list[tuple[int, dict, dict]]:
+    """(seed, aux run, loss-free run) for every seed with both, on the sigmoid router (the like-for-like pair)."""
+    by = {(r["seed"], r["balance"]): r for r in results if r["gate"] == "sigmoid"}
+    return [(s, by[(s, "aux")], by[(s, "loss-free")]) for s in sorted({s for s, _ in by})
+            if (s, "aux") in by and (s, "loss-free") in by]
 
 
 def specialization_rows(pairs: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]] | None:
@@ -145,18 +160,29 @@ def main(argv=None) -> int:
              "layers; *global* over the whole validation set, *batch* the mean over batches of "
              f"{a.batch_size} packed rows.", "",
              "| model | router | balancing | valid loss | global MaxVio | batch MaxVio (valid) | "
-             "batch MaxVio (training, mean over steps) | s/step (threads) |", "|---|---|---|---|---|---|---|---|"]
+             "batch MaxVio (training: all steps / second half) | s/step (threads) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         bal = (f"aux loss x {r['aux_coef']}" if r["balance"] == "aux" else f"loss-free, u = {r['bias_rate']}")
         lines.append(f"| {r['name']} | {r['model_type']} ({r['gate']}) | {bal} | {r['valid']['loss']:.4f} | "
                      f"{f(r['valid']['maxvio_global']['mean'], '.3f')} | {f(r['valid']['maxvio_batch_mean'], '.3f')} | "
-                     f"{f(r['train_maxvio_batch_mean'], '.3f')} | {f(r['seconds_per_step'], '.2f')} ({r['threads']}) |")
+                     f"{f(r['train_maxvio_batch_mean'], '.3f')} / {f(r['train_maxvio_batch_second_half'], '.3f')} | "
+                     f"{f(r['seconds_per_step'], '.2f')} ({r['threads']}) |")
     lines += ["", "Global MaxVio per MoE layer:", "",
               "| model | " + " | ".join(f"layer {l}" for l in results[0]["valid"]["maxvio_global"]["per_layer"]) + " |",
               "|---|" + "---|" * len(results[0]["valid"]["maxvio_global"]["per_layer"])]
     for r in results:
         lines.append(f"| {r['name']} | " + " | ".join(f(v, ".3f") for v in r["valid"]["maxvio_global"]["per_layer"].values())
                      + " |")
+    pairs = seed_pairs(results)
+    if pairs:
+        lines += ["", "Like for like, per seed (the same DeepSeek-V3 router; a seed changes the data sample, the "
+                  "tokenizer and the initialisation, so losses compare only within a seed): loss-free minus aux.", "",
+                  "| seed | valid loss | global MaxVio | batch MaxVio (training, second half) |", "|---|---|---|---|"]
+        for seed, aux, lf in pairs:
+            d = lambda k: lf[k] - aux[k] if lf[k] is not None and aux[k] is not None else None  # noqa: E731
+            lines.append(f"| {seed} | {f(lf['valid']['loss'] - aux['valid']['loss'], '+.4f')} | "
+                         f"{f(lf['valid']['maxvio_global']['mean'] - aux['valid']['maxvio_global']['mean'], '+.3f')} | "
+                         f"{f(d('train_maxvio_batch_second_half'), '+.3f')} |")
     lines += ["", f"![MaxVio and loss while pretraining]({png.name})", ""]
     if spec:
         names, rows = spec
@@ -167,7 +193,7 @@ def main(argv=None) -> int:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "specialization": spec}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "seed_pairs": [(s, a["name"], l["name"]) for s, a, l in pairs], "specialization": spec}, indent=1))
     print("\n".join(lines))
     return 0
 

@@ -111,13 +111,15 @@ def corpus(n_per_task: int, seed: int, adaptation_share: float = 0.02) -> tuple[
 
 
 def valid_rows(tokenizer, n_per_task: int, seed: int, seq_len: int):
-    """Held-out general-domain examples (the tasks' valid splits), packed as the training data is."""
+    """Held-out general-domain examples (the tasks' valid splits), shuffled (a batch mixes the domains, as a
+    training batch does) and packed as the training data is."""
     examples = []
     for name in task_names("general"):
         for p, ans in generate_split(name, "valid", n_per_task, seed):
             ids, _ = encode_reference([{"role": "user", "content": p}, {"role": "assistant", "content": ans}],
                                       tokenizer)
             examples.append(Example(ids, list(ids)))
+    random.Random(seed).shuffle(examples)
     return pack(examples, seq_len, tokenizer.pad_token_id)
 
 
