@@ -105,13 +105,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
+    for i, r in enumerate(results):  # one colour per model in both panels
         pts = [(s, m) for s, _, m in r["curve"] if m is not None]
         if pts:
-            ax1.plot(*zip(*pts), label=r["name"])
+            ax1.plot(*zip(*pts), label=r["name"], color=f"C{i}")
         pts = [(s, l) for s, l, _ in r["curve"] if l is not None]
         if pts:
-            ax2.plot(*zip(*pts), label=r["name"])
+            ax2.plot(*zip(*pts), label=r["name"], color=f"C{i}")
     ax1.set(xlabel="step", ylabel="batch MaxVio (mean over MoE layers)", title="load imbalance while pretraining")
     ax2.set(xlabel="step", ylabel="training loss", title="training loss", ylim=(0.5, 3))
     for ax in (ax1, ax2):
