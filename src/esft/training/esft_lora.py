@@ -34,7 +34,7 @@ from ..io import DataError
 from ..models.registry import MoEFamily, base_experts, get_family, moe_layers
 from ..overlay import ExpertOverlay, expert_rows, rows_module
 from ..models.layout import expert_params
-from .experts import OFFLOAD_HINT, check_in_memory, validate_expert_cfg
+from .experts import OFFLOAD_HINT, fill_plan, validate_expert_cfg
 
 LORA_PARAMS = ("gate_up_proj", "down_proj")  # PEFT's target_parameters on the fused experts, in this order
 
@@ -196,14 +196,7 @@ def apply_esft_lora(model: nn.Module, expert_cfg: dict, rank: int, alpha: float,
         l.layout()  # read (and cache) the checkpoint layout from the plain module, before it is wrapped
         plan.module_names[l.index] = l.experts_prefix
         setattr(l.block, family.experts_attr, ESFTLoRAExperts(l.experts, selected, rank, alpha, family.experts_kind))
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            plan.params[name] = p
-    check_in_memory(plan.params)
-    for l in moe_layers(model):
-        if isinstance(l.experts, ESFTLoRAExperts):
-            plan.wrappers[l.index] = l.experts
-    return plan
+    return fill_plan(plan, model, ESFTLoRAExperts)
 
 
 @torch.no_grad()

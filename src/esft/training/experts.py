@@ -169,13 +169,18 @@ def apply_esft(model: nn.Module, expert_cfg: dict, prepare=None) -> TrainablePla
             setattr(l.block, family.experts_attr, wrapper)
             if prepare is not None:
                 prepare(wrapper)
-    plan = TrainablePlan(family=family, expert_cfg=expert_cfg, model=model)
+    return fill_plan(TrainablePlan(family=family, expert_cfg=expert_cfg, model=model), model, ESFTExperts)
+
+
+def fill_plan(plan, model: nn.Module, kind: type):
+    """``plan.params`` = every trainable parameter of ``model`` (checked to be in memory), ``plan.wrappers`` =
+    each layer's overlay of class ``kind``; returns ``plan`` (ESFT's and ESFT-LoRA's plans alike)."""
     for name, p in model.named_parameters():
         if p.requires_grad:
             plan.params[name] = p
     check_in_memory(plan.params)
     for l in moe_layers(model):
-        if isinstance(l.experts, ESFTExperts):
+        if isinstance(l.experts, kind):
             plan.wrappers[l.index] = l.experts
     return plan
 
