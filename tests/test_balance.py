@@ -7,6 +7,7 @@ from the router's input, weight and bias; profiling, the load meter and the bias
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +347,36 @@ def test_pretrain_loss_free_short_run(tmp_path):
         assert rep["valid"]["maxvio_global"]["per_layer"][l] == pytest.approx(max_violation(load), abs=1e-4)
     assert f"| lf | deepseek_v3 (sigmoid) | loss-free, u = {rate} | {rep['valid']['loss']:.4f} |" in md.read_text()
     assert (tmp_path / "report" / "balance_maxvio.png").stat().st_size > 0
+
+
+def test_balance_report_sets_esft_reports_side_by_side(tmp_path):
+    """The ESFT section reads each model's report JSON: its values are the per-seed frontier heights averaged."""
+    from esft.embedded.balance_report import esft_rows
+
+    def report(path, per_seed, base_general):
+        mf = {m: {"average": {str(s): v for s, v in enumerate(vals)}} for m, vals in per_seed.items()}
+        path.write_text(json.dumps({"config": {"budgets": [1.0, 5.0]}, "base": {"a": 10.0, "b": 20.0},
+                                    "base_general": base_general, "matched_forgetting": mf}))
+        return str(path)
+
+    three = report(tmp_path / "three.json", {"FFT": [[40, 50], [42, 54], [44, 52]],
+                                             "LoRA": [[30, 31], [30, 33], [30, 35]],
+                                             "ESFT-Token": [[41, 45], [41, 45], [41, 45]]}, 37.0)
+    one = report(tmp_path / "one.json", {"FFT": [[20, 30]], "LoRA": [[10, 12]], "ESFT-Token": [[25, 26]]}, 30.0)
+    out = esft_rows([("three", three), ("one", one), ("missing", str(tmp_path / "none.json"))])
+    assert out["models"] == ["three", "one"] and out["budgets"] == [1.0, 5.0]
+    assert out["table"][0] == ["three", "Base model (no training)", "", "37.0", "15.0", "15.0"]
+    assert out["table"][1] == ["three", "FFT", "3", "", "42.0 ± 2.0", "52.0 ± 2.0"]
+    # ESFT - FFT at <= 1: 41 - 42 = -1, spread sqrt(0^2 + 2^2) = 2; seed 0 alone: 41 - 40 = +1
+    assert out["gaps"][0][1] == "-1.0 ± 2.0 (seed 0: +1.0)"
+    # ESFT - LoRA at <= 5: 45 - 33 = +12, LoRA's std over 31/33/35 = 2
+    assert out["gaps"][0][4] == "+12.0 ± 2.0 (seed 0: +14.0)"
+    # one seed: no spread, and seed 0 is the value itself
+    assert out["gaps"][1][1:] == ["+5.0 (seed 0: +5.0)", "-4.0 (seed 0: -4.0)", "+15.0 (seed 0: +15.0)",
+                                  "+14.0 (seed 0: +14.0)"]
+    bad = report(tmp_path / "bad.json", {"FFT": [[1, 2, 3]], "LoRA": [[1, 2, 3]], "ESFT-Token": [[1, 2, 3]]}, 1.0)
+    data = json.loads(Path(bad).read_text())
+    data["config"]["budgets"] = [1.0, 2.0, 5.0]
+    Path(bad).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="budgets"):
+        esft_rows([("three", three), ("bad", bad)])

@@ -24,6 +24,9 @@ from pathlib import Path
 DEFAULT_MODELS = ["aux, softmax (shipped small)=small", "aux, sigmoid=runs/lfb/model_aux_sigmoid",
                   "loss-free, sigmoid (small-lfb)=small-lfb"]
 DEFAULT_SPECIALIZATION = ["small=docs/specialization.json", "small-lfb=docs/specialization_lfb.json"]
+DEFAULT_REPORTS = ["aux, softmax (shipped small)=docs/report.json", "aux, sigmoid=docs/report_aux_sigmoid.json",
+                   "loss-free, sigmoid (small-lfb)=docs/report_small-lfb.json"]
+FRONT = ["FFT", "LoRA", "ESFT-Token"]  # the default report's methods, on every model's front
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -100,6 +103,44 @@ def specialization_rows(pairs: list[tuple[str, str]]) -> tuple[list[str], list[l
     return [n for n, _ in reps], rows
 
 
+def esft_rows(pairs: list[tuple[str, str]]) -> dict | None:
+    """ESFT-Token, FFT and LoRA at matched forgetting on each model, from each model's `esft report` JSON.
+
+    Returns {"budgets", "models": [name, ...], "table": rows of (model, method, seeds, value per budget),
+    "gaps": rows of (model, ESFT-Token minus FFT per budget, minus LoRA per budget)}: all seeds (mean +- sample
+    std over seeds) and seed 0 alone, which every report has, so a one-seed report compares like for like.
+    None when fewer than one report exists.
+    """
+    from esft.report.render import _col, fmt_ms, mean_std
+
+    reps = [(n, p, json.loads(Path(p).read_text())) for n, p in pairs if Path(p).exists()]
+    reps = [(n, p, r) for n, p, r in reps if all(m in r.get("matched_forgetting", {}) for m in FRONT)]
+    if not reps:
+        return None
+    budgets = reps[0][2]["config"]["budgets"]
+    table, gaps = [], []
+    for name, path, r in reps:
+        mf = r["matched_forgetting"]
+        if r["config"]["budgets"] != budgets:
+            raise SystemExit(f"{path}: forgetting budgets {r['config']['budgets']} differ from {budgets}")
+        base = sum(r["base"].values()) / len(r["base"])
+        table.append([name, "Base model (no training)", "", f"{r['base_general']:.1f}"] + [f"{base:.1f}"] * len(budgets))
+        for m in FRONT:
+            avg = mf[m]["average"]
+            table.append([name, m, str(len(avg)), ""] + [fmt_ms(_col(avg, i)) for i in range(len(budgets))])
+        row = [name]
+        for other in ("FFT", "LoRA"):
+            for i in range(len(budgets)):
+                e, o = _col(mf["ESFT-Token"]["average"], i), _col(mf[other]["average"], i)
+                (me, se), (mo, so) = mean_std(e), mean_std(o)
+                s0 = mf["ESFT-Token"]["average"]["0"][i] - mf[other]["average"]["0"][i]
+                spread = f" ± {(se ** 2 + so ** 2) ** 0.5:.1f}" if min(len(e), len(o)) > 1 else ""
+                row.append(f"{me - mo:+.1f}{spread} (seed 0: {s0:+.1f})")
+        gaps.append(row)
+    return {"budgets": budgets, "models": [n for n, _, _ in reps], "reports": [p for _, p, _ in reps],
+            "table": table, "gaps": gaps}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -134,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--specialization", action="append", default=None, metavar="NAME=JSON",
                     help="specialization reports to set side by side (default: "
                          f"{'; '.join(DEFAULT_SPECIALIZATION)}; missing ones are left out)")
+    ap.add_argument("--report", action="append", default=None, metavar="NAME=JSON",
+                    help="`esft report` results (report.json) of the models, set side by side at matched forgetting "
+                         f"(default: {'; '.join(DEFAULT_REPORTS)}; missing ones are left out)")
     ap.add_argument("--valid-per-task", type=int, default=200, help="held-out examples per general domain")
     ap.add_argument("--batch-size", type=int, default=16, help="packed rows per validation batch (batch MaxVio)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the validation examples")
@@ -149,6 +193,7 @@ def main(argv=None) -> int:
     png = out.with_name(out.stem + "_maxvio.png")
     plot(results, png)
     spec = specialization_rows(_pairs(a.specialization or DEFAULT_SPECIALIZATION, "--specialization"))
+    esft = esft_rows(_pairs(a.report or DEFAULT_REPORTS, "--report"))
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -195,8 +240,25 @@ def main(argv=None) -> int:
                   "| task | kind | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
+    if esft:
+        bh = [f"≤ {b:g}" for b in esft["budgets"]]
+        links = ", ".join(f"[{n}]({Path(p).with_suffix('.md').name})" for n, p in zip(esft["models"], esft["reports"]))
+        lines += ["## What balancing does to ESFT: task skill at matched forgetting", "",
+                  f"From each model's `esft report` ({links}): the same tasks, data, budget of 100 steps, LR grids "
+                  "and scoring on every model; a method's value at a forgetting budget is the height of its Pareto "
+                  "front there (task score, mean over the 4 tasks; mean ± sample std over the seeds at its front). "
+                  "Forgetting is measured from each model's own base general ability.", "",
+                  "| model | method | seeds | base general | " + " | ".join(f"task score, forgetting {b}" for b in bh)
+                  + " |", "|---|---|---|---|" + "---|" * len(bh)]
+        lines += ["| " + " | ".join(r) + " |" for r in esft["table"]]
+        lines += ["", "ESFT-Token minus FFT and minus LoRA, in task points (all seeds ± combined seed std; in brackets "
+                  "seed 0 alone, which every report has):", "",
+                  "| model | " + " | ".join(f"minus FFT, {b}" for b in bh) + " | " + " | ".join(f"minus LoRA, {b}" for b in bh)
+                  + " |", "|---|" + "---|" * (2 * len(bh))]
+        lines += ["| " + " | ".join(r) + " |" for r in esft["gaps"]]
+        lines.append("")
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "seed_pairs": [(s, a["name"], l["name"]) for s, a, l in pairs], "specialization": spec}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "seed_pairs": [(s, a["name"], l["name"]) for s, a, l in pairs], "specialization": spec, "esft": esft}, indent=1))
     print("\n".join(lines))
     return 0
 
