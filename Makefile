@@ -7,7 +7,10 @@
 #   make report-extended  the same + ablations, the p sweep and, on the front, ESFT-Token + shared, router-first
 #                         ESFT, ESFT-LoRA r=8/32, LoRA r=1/2 (reuses the report's runs)
 #   make pretrain-lfb     pretrain small-lfb (Loss-Free Balancing) and its aux-loss twin with the same router
-#   make balance-report   aux loss vs Loss-Free Balancing: validation loss, MaxVio, specialization -> docs/balance.md
+#   make report-lfb       the matched-forgetting comparison on small-lfb and on its aux-loss twin
+#                         -> docs/report_small-lfb.md, docs/report_aux_sigmoid.md (run make pretrain-lfb first)
+#   make balance-report   aux loss vs Loss-Free Balancing: validation loss, MaxVio, specialization, ESFT at
+#                         matched forgetting -> docs/balance.md
 #   make pretrain-v2lite  pretrain the second shipped model (DeepSeek-V2-Lite proportions; resumable)
 #   make report-v2lite    the matched-forgetting comparison on v2lite -> docs/report_v2lite.md
 #   make report-v2lite-methods  the same with issue 26's methods on the front
@@ -115,18 +118,25 @@ report: install
 report-extended: install
 	$(BIN)/esft report --extended
 
-# v2lite's grids reach one LR lower than the defaults: there the defaults' lowest LRs already forget
-# 1-3 general points (ESFT 2.3 on verdict_json), leaving the <= 1 point budget unsampled
-V2LITE_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1e-4,2e-4,3e-4,5e-4,1e-3]' \
+# Grids one LR lower than the defaults, for v2lite and the Loss-Free pair: there the defaults' lowest LRs
+# already forget 1-4 general points (ESFT 2.3 on v2lite's verdict_json, 4.0 on small-lfb's), leaving the
+# <= 1 point budget unsampled
+LOW_GRIDS := 'sweep_esft=[5e-4,1e-3,2e-3,3e-3,5e-3,1e-2]' 'sweep_full=[5e-5,1e-4,2e-4,3e-4,5e-4,1e-3]' \
 	'sweep_lora=[1e-4,3e-4,1e-3,2e-3,3e-3,6e-3]'
 
 report-v2lite: install
-	$(BIN)/esft report model=v2lite seeds=3 $(V2LITE_GRIDS)
+	$(BIN)/esft report model=v2lite seeds=3 $(LOW_GRIDS)
 
 # issue 26's methods on v2lite's front too (no ablations or p sweep; reuses report-v2lite's runs)
 report-v2lite-methods: install
-	$(BIN)/esft report model=v2lite seeds=3 $(V2LITE_GRIDS) 'sweep_esft_lora=[5e-4,1e-3,2e-3,5e-3,1e-2,2e-2]' \
+	$(BIN)/esft report model=v2lite seeds=3 $(LOW_GRIDS) 'sweep_esft_lora=[5e-4,1e-3,2e-3,5e-3,1e-2,2e-2]' \
 		'methods=[full,lora,lora-r2,lora-r1,esft,esft-shared,esft-router,esft-lora-r8,esft-lora-r32]'
+
+# small-lfb and its aux-loss twin (same DeepSeek-V3 router, runs/lfb/model_aux_sigmoid from make pretrain-lfb)
+report-lfb: install
+	$(BIN)/esft report model=small-lfb $(LOW_GRIDS)
+	$(BIN)/esft report model=runs/lfb/model_aux_sigmoid report=docs/report_aux_sigmoid.md \
+		work_dir=runs/report_aux_sigmoid $(LOW_GRIDS)
 
 report-quick: install
 	$(BIN)/esft report --quick report=runs/report-quick/report.md work_dir=runs/report-quick/work
@@ -163,4 +173,4 @@ docs: install
 docs-serve: install
 	$(DOCS_ENV) $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
-.PHONY: docs docs-serve pretrain-lfb balance-report report-v2lite-methods test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: docs docs-serve report-lfb pretrain-lfb balance-report report-v2lite-methods test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

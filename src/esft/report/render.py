@@ -169,7 +169,7 @@ def write_report(state: dict, path) -> None:
             if state.get("runs_reused") else "") + "). Every number below is read "
          f"from the runs' result files ({path.with_suffix('.json').name} holds all of them); none is typed by hand.",
          "",
-         f"**Setup.** Model: {model_name}, a DeepSeek-V2-style MoE "
+         f"**Setup.** Model: {model_name}, {_model_kind(state.get('model_type', 'deepseek_v2'))} "
          f"({len(layers)} MoE layers x {E} routed experts, top-{any_prof['top_k']}). Tasks: {', '.join(tasks)} "
          + (f"(the suite's adaptation tasks; scored on {cfg['n_eval']} held-out examples with each task's local "
             f"metric). " if not users else _user_setup(tasks, users, cfg["n_eval"]))
@@ -500,6 +500,15 @@ def pick_lines(state: dict, mf: dict) -> list[str]:
                          f"{means[small[0]] - means[best]:+.1f} points; {share(small[0])})")
         lines.append(text + ".")
     return lines
+
+
+MODEL_KINDS = {"deepseek_v2": "a DeepSeek-V2-style MoE (softmax router)",
+               "deepseek_v3": "a DeepSeek-V3-style MoE (sigmoid router, routing bias for the top-k choice)"}
+
+
+def _model_kind(model_type: str) -> str:
+    """How the Setup paragraph names the model's architecture (reports written before model_type was kept: V2)."""
+    return MODEL_KINDS.get(model_type, f"an MoE of transformers type `{model_type}`")
 
 
 def _col(values_by_seed: dict, i: int) -> list[float]:

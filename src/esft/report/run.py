@@ -307,8 +307,9 @@ def prepare(cfg: ReportConfig, progress: bool) -> dict:
         rec["experts"] = sum(len(e) for e in selected["router_first"][t].values())
     fingerprint = model_fingerprint(model)
     model_params = sum(p.numel() for p in model.parameters())
+    model_type = model.config.model_type
     del model
-    return {"model_dir": model_dir, "model_fingerprint": fingerprint, "data": data, "base": base, "base_general": base_general,
+    return {"model_dir": model_dir, "model_type": model_type, "model_fingerprint": fingerprint, "data": data, "base": base, "base_general": base_general,
             "base_per_domain": base_per_domain, "profiles": profiles, "selections": selections,
             "selected": selected, "router_stage": router_stage, "model_params": model_params}
 
@@ -362,6 +363,7 @@ def run_report(cfg: ReportConfig, progress: bool = True, command: str = "esft re
         "profiles": {t: {"token_scores": p.token_scores, "gate_scores": p.gate_scores, "layers": p.layers,
                          "num_experts": p.num_experts, "top_k": p.top_k} for t, p in prep["profiles"].items()},
         "selected": prep["selected"], "router_stage": prep["router_stage"], "model_params": prep["model_params"],
+        "model_type": prep["model_type"],
         "methods": [{"id": m, "variant": front_variant(m).name} for m in cfg.methods] if cfg.sweep else [],
         "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"), "runs_trained": len(runner.trained),
