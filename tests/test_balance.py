@@ -354,7 +354,10 @@ def test_balance_report_sets_esft_reports_side_by_side(tmp_path):
     from esft.embedded.balance_report import esft_rows
 
     def report(path, per_seed, base_general):
-        mf = {m: {"average": {str(s): v for s, v in enumerate(vals)}} for m, vals in per_seed.items()}
+        # per task: task a scores the seed's average + 1, task b the average - 1 (so they average to it)
+        mf = {m: {"average": {str(s): v for s, v in enumerate(vals)},
+                  "tasks": {t: {"values": {str(s): [x + d for x in v] for s, v in enumerate(vals)}}
+                            for t, d in (("a", 1), ("b", -1))}} for m, vals in per_seed.items()}
         path.write_text(json.dumps({"config": {"budgets": [1.0, 5.0]}, "base": {"a": 10.0, "b": 20.0},
                                     "base_general": base_general, "matched_forgetting": mf}))
         return str(path)
@@ -374,6 +377,9 @@ def test_balance_report_sets_esft_reports_side_by_side(tmp_path):
     # one seed: no spread, and seed 0 is the value itself
     assert out["gaps"][1][1:] == ["+5.0 (seed 0: +5.0)", "-4.0 (seed 0: -4.0)", "+15.0 (seed 0: +15.0)",
                                   "+14.0 (seed 0: +14.0)"]
+    # per task: the offsets cancel in ESFT minus FFT, so each task's gap is the average's mean gap
+    assert out["per_task"][0] == ["three", "a", "10.0", "-1.0", "-7.0", "+11.0", "+12.0"]
+    assert out["per_task"][1][:3] == ["three", "b", "20.0"]
     bad = report(tmp_path / "bad.json", {"FFT": [[1, 2, 3]], "LoRA": [[1, 2, 3]], "ESFT-Token": [[1, 2, 3]]}, 1.0)
     data = json.loads(Path(bad).read_text())
     data["config"]["budgets"] = [1.0, 2.0, 5.0]

@@ -118,13 +118,15 @@ def esft_rows(pairs: list[tuple[str, str]]) -> dict | None:
     if not reps:
         return None
     budgets = reps[0][2]["config"]["budgets"]
-    table, gaps = [], []
+    table, gaps, per_task, bars = [], [], [], {}
     for name, path, r in reps:
         mf = r["matched_forgetting"]
         if r["config"]["budgets"] != budgets:
             raise SystemExit(f"{path}: forgetting budgets {r['config']['budgets']} differ from {budgets}")
         base = sum(r["base"].values()) / len(r["base"])
         table.append([name, "Base model (no training)", "", f"{r['base_general']:.1f}"] + [f"{base:.1f}"] * len(budgets))
+        bars[name] = {m: [mean_std(_col(mf[m]["average"], i)) for i in range(len(budgets))] for m in FRONT}
+        bars[name]["Base model (no training)"] = [(base, 0.0)] * len(budgets)
         for m in FRONT:
             avg = mf[m]["average"]
             table.append([name, m, str(len(avg)), ""] + [fmt_ms(_col(avg, i)) for i in range(len(budgets))])
@@ -137,8 +139,41 @@ def esft_rows(pairs: list[tuple[str, str]]) -> dict | None:
                 spread = f" ± {(se ** 2 + so ** 2) ** 0.5:.1f}" if min(len(e), len(o)) > 1 else ""
                 row.append(f"{me - mo:+.1f}{spread} (seed 0: {s0:+.1f})")
         gaps.append(row)
+        for t, base_t in r["base"].items():  # where the gaps come from: a task the base already solves has none
+            row = [name, t, f"{base_t:.1f}"]
+            for other in ("FFT", "LoRA"):
+                for i in range(len(budgets)):
+                    e, o = _col(mf["ESFT-Token"]["tasks"][t]["values"], i), _col(mf[other]["tasks"][t]["values"], i)
+                    row.append(f"{mean_std(e)[0] - mean_std(o)[0]:+.1f}")
+            per_task.append(row)
     return {"budgets": budgets, "models": [n for n, _, _ in reps], "reports": [p for _, p, _ in reps],
-            "table": table, "gaps": gaps}
+            "table": table, "gaps": gaps, "per_task": per_task, "bars": bars}
+
+
+def plot_esft(esft: dict, path: Path) -> None:
+    """One panel per model: each method's task score at each forgetting budget (bars, +- seed std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, budgets = esft["models"], esft["budgets"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), sharey=True, squeeze=False)
+    methods = ["Base model (no training)"] + FRONT
+    width = 0.8 / len(methods)
+    for ax, name in zip(axes[0], models):
+        for j, m in enumerate(methods):
+            means, stds = zip(*esft["bars"][name][m])
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(budgets))]
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=m, color=f"C{j}")
+        ax.set_xticks(range(len(budgets)), [f"≤ {b:g}" for b in budgets])
+        ax.set(title=name, xlabel="forgetting budget (general points)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("task score at matched forgetting (mean over tasks)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -256,7 +291,13 @@ def main(argv=None) -> int:
                   "| model | " + " | ".join(f"minus FFT, {b}" for b in bh) + " | " + " | ".join(f"minus LoRA, {b}" for b in bh)
                   + " |", "|---|" + "---|" * (2 * len(bh))]
         lines += ["| " + " | ".join(r) + " |" for r in esft["gaps"]]
-        lines.append("")
+        lines += ["", "The same gaps per task (mean over seeds), beside the base model's score on the task:", "",
+                  "| model | task | base score | " + " | ".join(f"minus FFT, {b}" for b in bh) + " | "
+                  + " | ".join(f"minus LoRA, {b}" for b in bh) + " |", "|---|---|---|" + "---|" * (2 * len(bh))]
+        lines += ["| " + " | ".join(r) + " |" for r in esft["per_task"]]
+        esft_png = out.with_name(out.stem + "_esft.png")
+        plot_esft(esft, esft_png)
+        lines += ["", f"![task score at matched forgetting on each model]({esft_png.name})", ""]
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"results": results, "seed_pairs": [(s, a["name"], l["name"]) for s, a, l in pairs], "specialization": spec, "esft": esft}, indent=1))
     print("\n".join(lines))
