@@ -106,12 +106,13 @@ def specialization_rows(pairs: list[tuple[str, str]]) -> tuple[list[str], list[l
 def esft_rows(pairs: list[tuple[str, str]]) -> dict | None:
     """ESFT-Token, FFT and LoRA at matched forgetting on each model, from each model's `esft report` JSON.
 
-    Returns {"budgets", "models": [name, ...], "table": rows of (model, method, seeds, value per budget),
-    "gaps": rows of (model, ESFT-Token minus FFT per budget, minus LoRA per budget)}: all seeds (mean +- sample
-    std over seeds) and seed 0 alone, which every report has, so a one-seed report compares like for like.
-    None when fewer than one report exists.
+    Returns {"budgets", "models": [name, ...], "reports": [path, ...], "table": rows of (model, method, seeds,
+    value per budget), "gaps": rows of (model, ESFT-Token minus FFT per budget, minus LoRA per budget): all
+    seeds (mean +- combined sample std) and seed 0 alone, which every report has, so a one-seed report compares
+    like for like; "per_task": the same gaps per task beside the base score; "bars": (mean, std) per model,
+    method and budget for the plot}. None when no report exists.
     """
-    from esft.report.render import _col, fmt_ms, mean_std
+    from esft.report.render import _col, fmt_ms, gap_text, mean_std
 
     reps = [(n, p, json.loads(Path(p).read_text())) for n, p in pairs if Path(p).exists()]
     reps = [(n, p, r) for n, p, r in reps if all(m in r.get("matched_forgetting", {}) for m in FRONT)]
@@ -133,11 +134,9 @@ def esft_rows(pairs: list[tuple[str, str]]) -> dict | None:
         row = [name]
         for other in ("FFT", "LoRA"):
             for i in range(len(budgets)):
-                e, o = _col(mf["ESFT-Token"]["average"], i), _col(mf[other]["average"], i)
-                (me, se), (mo, so) = mean_std(e), mean_std(o)
                 s0 = mf["ESFT-Token"]["average"]["0"][i] - mf[other]["average"]["0"][i]
-                spread = f" ± {(se ** 2 + so ** 2) ** 0.5:.1f}" if min(len(e), len(o)) > 1 else ""
-                row.append(f"{me - mo:+.1f}{spread} (seed 0: {s0:+.1f})")
+                row.append(f"{gap_text(_col(mf['ESFT-Token']['average'], i), _col(mf[other]['average'], i))} "
+                           f"(seed 0: {s0:+.1f})")
         gaps.append(row)
         for t, base_t in r["base"].items():  # where the gaps come from: a task the base already solves has none
             row = [name, t, f"{base_t:.1f}"]

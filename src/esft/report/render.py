@@ -24,6 +24,13 @@ def fmt_ms(values: list[float], digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def gap_text(a: list[float], b: list[float]) -> str:
+    """Mean of ``a`` minus mean of ``b`` (per-seed values), with the combined seed std when both have seeds."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    spread = f" ± {math.sqrt(sa ** 2 + sb ** 2):.1f}" if min(len(a), len(b)) > 1 else ""
+    return f"{ma - mb:+.1f}{spread}"
+
+
 def compare(a: list[float], b: list[float], min_gap: float = 1.0) -> str:
     """'win', 'tie' or 'lose' for ``a`` against ``b`` (higher is better).
 
@@ -553,10 +560,7 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
         for other in [o for o in order if o != "ESFT-Token"]:
             parts = []
             for i, b in enumerate(budgets):
-                e, o = _col(mf["ESFT-Token"]["average"], i), _col(mf[other]["average"], i)
-                (me, se), (mo, so) = mean_std(e), mean_std(o)
-                spread = f" ± {math.sqrt(se ** 2 + so ** 2):.1f}" if min(len(e), len(o)) > 1 else ""
-                parts.append(f"{me - mo:+.1f}{spread} at ≤ {b:g}")
+                parts.append(f"{gap_text(_col(mf['ESFT-Token']['average'], i), _col(mf[other]['average'], i))} at ≤ {b:g}")
             gaps.append(f"ESFT-Token minus {other}: " + ", ".join(parts))
         L += ["", "Gaps in task points" + (" (± combined seed std)" if seeds > 1 else "") + ": "
               + "; ".join(gaps) + "."]
