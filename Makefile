@@ -129,7 +129,7 @@ report-v2lite: install
 
 # issue 26's methods on v2lite's front too (no ablations or p sweep; reuses report-v2lite's runs)
 report-v2lite-methods: install
-	$(BIN)/esft report model=v2lite seeds=3 $(LOW_GRIDS) 'sweep_esft_lora=[5e-4,1e-3,2e-3,5e-3,1e-2,2e-2]' \
+	$(BIN)/esft report model=v2lite seeds=3 $(LOW_GRIDS) 'sweep_esft_lora=[5e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3]' \
 		'methods=[full,lora,lora-r2,lora-r1,esft,esft-shared,esft-router,esft-lora-r8,esft-lora-r32]'
 
 # small-lfb and its aux-loss twin (same DeepSeek-V3 router, runs/lfb/model_aux_sigmoid from make pretrain-lfb)

@@ -118,3 +118,15 @@ def test_failed_evaluations_are_not_on_the_front():
     path = [(0.0, 10.0), (math.nan, 50.0), (1.0, 30.0), (2.0, 40.0)]
     assert frontier_value(path, 1.5) == pytest.approx(35.0)
     assert 1 not in frontier_support(path, [1.0, 1.5])
+
+
+def test_a_base_only_front_still_counts_every_seed():
+    """No run of seed 0's grid beats the base model within the budgets, so no LR gets more seeds: every seed's
+    value there is the base's, and the seeds stay in the method's average over tasks."""
+    base_general, base_task = 40.0, 10.0
+    results = [{"variant": "M", "task": "t", "seed": 0, "lr": 1e-3, "general": 30.0, "task_score": 12.0}]
+    m = matched(results, "M", "t", base_task, base_general, [1.0, 2.0], lrs=[], seeds=[0, 1, 2])
+    assert m["seeds"] == {0: [10.0, 10.0], 1: [10.0, 10.0], 2: [10.0, 10.0]}
+    # a seed that lacks a run at one of the front's LRs is still left out
+    m = matched(results, "M", "t", base_task, base_general, [1.0], lrs=[1e-3], seeds=[0, 1])
+    assert list(m["seeds"]) == [0]

@@ -79,19 +79,22 @@ def with_base(base_task: float, points: dict[float, Point]) -> list[Point]:
 
 
 def matched(results: list[dict], variant: str, task: str, base_task: float, base_general: float,
-            budgets: list[float], lrs: list[float] | None = None) -> dict:
+            budgets: list[float], lrs: list[float] | None = None, seeds: list[int] = ()) -> dict:
     """Frontier values of ``variant`` on ``task`` at each budget, per seed.
 
     ``results``: the report's result dicts. Each seed's front uses that seed's runs at ``lrs``
     (default: the LRs every seed ran; so a seed missing at some LR does not bend only its own
-    front). Returns {"lrs": [...], "seeds": {seed: [value per budget]}, "points": {seed: {lr: point}}}.
+    front). ``seeds``: seeds to report even without a run on this task; with ``lrs`` empty (no run
+    of seed 0's grid beat the base model within the budgets) their front is the base point alone.
+    Returns {"lrs": [...], "seeds": {seed: [value per budget]}, "points": {seed: {lr: point}}}.
     """
     runs = [r for r in results if r["variant"] == variant and r["task"] == task]
-    by_seed: dict[int, dict[float, Point]] = {}
+    by_seed: dict[int, dict[float, Point]] = {s: {} for s in seeds}
     for r in runs:
         by_seed.setdefault(r["seed"], {})[r["lr"]] = (base_general - r["general"], r["task_score"])
     if lrs is None:
-        common = set.intersection(*(set(p) for p in by_seed.values())) if by_seed else set()
+        ran = [set(p) for p in by_seed.values() if p]
+        common = set.intersection(*ran) if ran else set()
         lrs = sorted(common)
     seeds = {s: [frontier_value(with_base(base_task, {lr: p[lr] for lr in lrs}), b) for b in budgets]
              for s, p in sorted(by_seed.items()) if all(lr in p for lr in lrs)}

@@ -370,8 +370,10 @@ def matched_forgetting(state: dict, tasks: list[str]) -> dict:
         # over the LRs of seed 0's front only: the values then do not depend on which other runs exist
         # (--extended adds seeds at the validation-loss LR), and seed 0's are those of its whole grid
         support = state.get("frontier_lrs", {})
+        ran = sorted({r["seed"] for r in state["results"] if r["variant"] == v})  # a task whose seed-0 front is
+        # the base point alone has no runs of the other seeds, yet their value there is the base's
         per_task = {t: matched(state["results"], v, t, state["base"][t], state["base_general"], budgets,
-                               lrs=support.get(f"{fam}/{t}"))
+                               lrs=support.get(f"{fam}/{t}"), seeds=ran if f"{fam}/{t}" in support else ())
                     for t in tasks}
         if not any(m["seeds"] for m in per_task.values()):
             continue
