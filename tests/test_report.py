@@ -172,6 +172,21 @@ def test_report_with_one_seed_shows_no_spread(small_report, tmp_path):
     assert "Gaps in task points: ESFT-Token minus FFT:" in head and "Without seed 0" not in head
 
 
+def test_times_from_reused_runs_are_flagged(small_report, tmp_path):
+    """Run times of a report that reused runs from its ledger come from several sittings: the report says so
+    beside both tables of times, and says nothing when every run was made in this sitting."""
+    import copy
+
+    from esft.report.render import SITTINGS, write_report
+
+    cfg, state, md = small_report
+    for reused, expected in ((0, 0), (5, 2)):
+        s = copy.deepcopy(state)
+        s["runs_reused"] = reused
+        write_report(s, tmp_path / f"r{reused}.md")
+        assert (tmp_path / f"r{reused}.md").read_text().count(SITTINGS) == expected
+
+
 def test_rerun_reuses_finished_runs(small_report, monkeypatch):
     import esft.report.worker as worker
     from esft.report.run import run_report

@@ -138,10 +138,11 @@ def test_pick_lines_follow_the_numbers():
     # <= 1: FFT and ESFT-Token tie within noise -> the smaller one is picked
     assert at1.startswith("- **Forgetting ≤ 1:** FFT scores highest (40.5); within seed noise of it: ESFT-Token (40.2)")
     assert "Pick **ESFT-Token** (5.00% of the parameters trained)" in at1
-    # <= 5: FFT leads clearly -> picked, with the best small adapter beside it (a tie of two: the first by score)
+    # <= 5: FFT leads clearly -> picked; among the small adapters ESFT-Token (45.25) and LoRA r=1 (45.0) tie
+    # within noise -> the same rule picks the smaller, and names the best beside it
     assert "FFT scores highest (60.5), 15.2 points above the next, ESFT-Token" in at5
-    assert "Pick **FFT** (100.00% of the parameters trained); if a small adapter per task is needed, ESFT-Token " \
-           "(45.2, -15.2 points; 5.00% of the parameters)" in at5
+    assert "Pick **FFT** (100.00% of the parameters trained); if a small adapter per task is needed, **LoRA r=1** " \
+           "(45.0, -15.5 points; 1.00% of the parameters), within seed noise of the best of them, ESFT-Token (45.2)" in at5
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,13 @@ from .plan import variant_by_name
 MiB = 2**20
 
 
+# said beside run times when a report reused runs from its ledger (resumed, or grown by new methods)
+SITTINGS = ("Times come from the runs themselves, and this report reused runs of earlier sittings from its ledger: "
+            "the machine's load differed between sittings, so methods run in different sittings can differ in time "
+            "by more than their cost does. `benchmarks/train_efficiency.py` measures ESFT's, ESFT-LoRA's and full "
+            "fine-tuning's step times side by side.")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     if not values:
@@ -233,7 +240,7 @@ def write_report(state: dict, path) -> None:
           "totals); stored weights: what a user keeps per task (ESFT: the expert adapter; LoRA: the PEFT adapter; "
           "FFT: the whole fine-tuned checkpoint), fp32 files. Training time is wall-clock with "
           f"{threads_txt} CPU thread(s) per run and {workers} run(s) at a time ({where}), the same for every "
-          "method.", ""]
+          "method." + (" " + SITTINGS if state.get("runs_reused") else ""), ""]
     L += table(["method", "trainable params", "experts trained", "optimizer state (MiB)", "training time (s)",
                 "peak memory (MiB)", "stored weights (MiB)"], efficiency_rows(res, main, total_experts))
 
@@ -482,7 +489,8 @@ def cost_rows(state: dict, mf: dict) -> list[list[str]]:
 def pick_lines(state: dict, mf: dict) -> list[str]:
     """Which method to pick at each forgetting budget, from the headline's numbers: the highest score; the
     methods within seed noise of it (the win/tie/lose rule); of those, the one that trains the fewest
-    parameters; and, where full fine-tuning leads, the best method that stores a small adapter."""
+    parameters; and, where full fine-tuning is picked, the same choice among the methods that store a small
+    adapter."""
     budgets = state["config"]["budgets"]
     size = {v: statistics.fmean(r["trainable_params"] for r in _runs_of(state, v)) for v in mf}
     total = _model_params(state)
@@ -492,21 +500,28 @@ def pick_lines(state: dict, mf: dict) -> list[str]:
     for i, b in enumerate(budgets):
         vals = {v: _col(m["average"], i) for v, m in mf.items()}
         means = {v: mean_std(x)[0] for v, x in vals.items()}
-        order = sorted(mf, key=lambda v: (-means[v], size[v]))
+
+        def choose(candidates: list[str]) -> tuple[list[str], str]:
+            """(candidates by score, best first, with those within seed noise of the best; the smallest of these)"""
+            order = sorted(candidates, key=lambda v: (-means[v], size[v]))
+            tied = [v for v in order if v == order[0] or compare(vals[v], vals[order[0]]) == "tie"]
+            return order, tied, min(tied, key=lambda v: (size[v], -means[v]))
+
+        order, tied, pick = choose(list(mf))
         best = order[0]
-        tied = [v for v in order if v == best or compare(vals[v], vals[best]) == "tie"]
-        pick = min(tied, key=lambda v: (size[v], -means[v]))
         text = f"- **Forgetting ≤ {b:g}:** {best} scores highest ({means[best]:.1f})"
         if len(tied) > 1:
             text += "; within seed noise of it: " + ", ".join(f"{v} ({means[v]:.1f})" for v in tied[1:])
         elif len(order) > 1:
             text += f", {means[best] - means[order[1]]:.1f} points above the next, {order[1]} (more than the seed noise)"
         text += f". Pick **{pick}** ({share(pick)} trained)"
-        if pick in full:
-            small = [v for v in order if v not in full]
-            if small:
-                text += (f"; if a small adapter per task is needed, {small[0]} ({means[small[0]]:.1f}, "
-                         f"{means[small[0]] - means[best]:+.1f} points; {share(small[0])})")
+        small = [v for v in mf if v not in full]
+        if pick in full and small:
+            s_order, s_tied, s_pick = choose(small)
+            text += (f"; if a small adapter per task is needed, **{s_pick}** ({means[s_pick]:.1f}, "
+                     f"{means[s_pick] - means[best]:+.1f} points; {share(s_pick)})")
+            if s_pick != s_order[0]:
+                text += f", within seed noise of the best of them, {s_order[0]} ({means[s_order[0]]:.1f})"
         lines.append(text + ".")
     return lines
 
@@ -584,8 +599,9 @@ def matched_section(state: dict, tasks: list[str], stem, name: str) -> tuple[lis
           "Means over every run of the method (all LRs and seeds; they do not depend on the LR): trainable "
           "parameters and their share of the model's, experts trained (of "
           + str(_total_experts(state)) + "), AdamW state, wall-clock training seconds per step (validation "
-          "included, the same machine and threads for every method), the weights a user keeps per task "
-          "(fp32 files), then the task score at each budget (the headline's).", ""]
+          "included, the same threads for every method), the weights a user keeps per task "
+          "(fp32 files), then the task score at each budget (the headline's)."
+          + (" " + SITTINGS if state.get("runs_reused") else ""), ""]
     L += table(["method", "trainable", "share of the model %", "experts trained", "optimizer state (MiB)",
                 "training s/step", "stored weights (MiB)"] + [f"score, ≤ {b:g}" for b in budgets], cost_rows(state, mf))
     L += ["", "Per task:", ""]
