@@ -3,9 +3,10 @@
 #   make test        the test suite (.venv; fast default; `make test-all` includes slow checks); `make test-core` = the same
 #   make quickstart  profile -> select -> train -> merge on a tiny random MoE model
 #   make bench       ESFT vs full fine-tuning efficiency figures
+#   make bench-methods  what each method of the report's front costs per step, side by side (shipped model)
 #   make report      ESFT vs FFT vs LoRA at matched forgetting (LR grids, seeds at the frontier) -> docs/report.md
 #   make report-extended  the same + ablations, the p sweep and, on the front, ESFT-Token + shared, router-first
-#                         ESFT, ESFT-LoRA r=8/32, LoRA r=1/2 (reuses the report's runs)
+#                         ESFT, ESFT-LoRA r=8/32 (and r=8 on the p=0.5 selection), LoRA r=1/2 (reuses the report's runs)
 #   make pretrain-lfb     pretrain small-lfb (Loss-Free Balancing) and its aux-loss twin with the same router
 #   make report-lfb       the matched-forgetting comparison on small-lfb and on its aux-loss twin
 #                         -> docs/report_small-lfb.md, docs/report_aux_sigmoid.md (run make pretrain-lfb first)
@@ -130,7 +131,7 @@ report-v2lite: install
 # issue 26's methods on v2lite's front too (no ablations or p sweep; reuses report-v2lite's runs)
 report-v2lite-methods: install
 	$(BIN)/esft report model=v2lite seeds=3 $(LOW_GRIDS) 'sweep_esft_lora=[5e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3]' \
-		'methods=[full,lora,lora-r2,lora-r1,esft,esft-shared,esft-router,esft-lora-r8,esft-lora-r32]'
+		'methods=[full,lora,lora-r2,lora-r1,esft,esft-shared,esft-router,esft-lora-r8,esft-lora-r32,esft-lora-r8-p0.5]'
 
 # small-lfb and its aux-loss twin (same DeepSeek-V3 router, runs/lfb/model_aux_sigmoid from make pretrain-lfb)
 report-lfb: install
@@ -156,6 +157,9 @@ bench-precision: install
 bench: install
 	$(BIN)/python benchmarks/train_efficiency.py
 
+bench-methods: install
+	$(BIN)/python benchmarks/method_costs.py
+
 families-table: install
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/families_table.py
 
@@ -173,4 +177,4 @@ docs: install
 docs-serve: install
 	$(DOCS_ENV) $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
-.PHONY: docs docs-serve report-lfb pretrain-lfb balance-report report-v2lite-methods test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed
+.PHONY: bench-methods docs docs-serve report-lfb pretrain-lfb balance-report report-v2lite-methods test-core vllm-venv test-vllm bench-vllm report-v2lite pretrain-v2lite report-extended families-table bench-precision install demo specialization pretrain test test-all quickstart bench report report-quick bench-serve bench-merge bench-distributed

@@ -21,7 +21,8 @@ def test_method_ids_and_their_variants():
     names = {m: front_variant(m).name for m in EXTENDED_METHODS}
     assert names == {"full": "FFT", "lora": "LoRA", "lora-r2": "LoRA r=2", "lora-r1": "LoRA r=1", "esft": "ESFT-Token",
                      "esft-shared": "ESFT-Token + shared", "esft-router": "ESFT-Token (router-first)",
-                     "esft-lora-r8": "ESFT-LoRA r=8", "esft-lora-r32": "ESFT-LoRA r=32"}
+                     "esft-lora-r8": "ESFT-LoRA r=8", "esft-lora-r32": "ESFT-LoRA r=32",
+                     "esft-lora-r8-p0.5": "ESFT-LoRA r=8 p=0.5"}
     for m, name in names.items():  # a run's variant name leads back to the variant (the worker's lookup)
         assert variant_by_name(name) == front_variant(m)
     assert front_variant("lora-r8") == front_variant("lora")  # the paper's LoRA is r=8 (TrainConfig's default)
@@ -29,6 +30,12 @@ def test_method_ids_and_their_variants():
     assert front_variant("esft-router").router_stage and front_variant("esft-shared").shared
     with pytest.raises(ValueError, match=r"unknown report method 'lora-rx'; known: full, lora, esft"):
         front_variant("lora-rx")
+    # ESFT-LoRA on a larger selection (MoE-Sieve's ~25% of experts): its own p, its own name and run keys
+    assert front_variant("esft-lora-r8-p0.5").top_p == 0.5 and front_variant("esft-lora-r8-p0.2") == front_variant("esft-lora-r8")
+    for bad, why in (("lora-r8-p0.5", "a p applies to esft-lora only"), ("esft-lora-r8-p1.5", r"p must be a number in \(0, 1\]"),
+                     ("esft-lora-r8-p0", r"p must be a number in \(0, 1\]"), ("esft-lora-r8-p.", "p must be a number")):
+        with pytest.raises(ValueError, match=why):
+            front_variant(bad)
     # the paper's three keep their run keys; the new ones get their own
     runs = sweep_runs(["t"], {"esft": [1e-3], "esft-lora-r8": [2e-3], "lora-r1": [1e-3], "esft-router": [5e-3]})
     assert [r.key for r in runs] == ["t/ESFT-Token/lr0.001/seed0", "t/ESFT-LoRA_r8/lr0.002/seed0",

@@ -109,9 +109,11 @@ class ReportConfig:
                                          "with more seeds at its front: full, lora (r=8), esft (ESFT-Token), "
                                          "esft-shared (+ shared experts), esft-router (router-first selection, then "
                                          "ESFT-Token under the original routers), lora-r<N> (LoRA of rank N), "
-                                         "esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts only). Default: "
+                                         "esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts only), "
+                                         "esft-lora-r<N>-p<P> (the same on ESFT-Token's selection at top_p P). Default: "
                                          "[full, lora, esft]; --extended: [full, lora, lora-r2, lora-r1, esft, "
-                                         "esft-shared, esft-router, esft-lora-r8, esft-lora-r32]. Needs the LR grid "
+                                         "esft-shared, esft-router, esft-lora-r8, esft-lora-r32, esft-lora-r8-p0.5]. "
+                                         "Needs the LR grid "
                                          "(sweep)")
     router_stage_steps: int = _f(16, "esft-router: AdamW steps of the router-only stage before profiling (16 x 8 "
                                      "rows x 256 tokens = the 32,768 profiled tokens seen once, 16% of a run's "

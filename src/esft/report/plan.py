@@ -47,17 +47,29 @@ SWEPT = {"esft": "ESFT-Token", "full": "FFT", "lora": "LoRA"}  # the variant eac
 # the paper's three keep their ids (= their LR families) and variant names, so their ledger entries stay valid.
 DEFAULT_METHODS = ["full", "lora", "esft"]
 EXTENDED_METHODS = ["full", "lora", "lora-r2", "lora-r1", "esft", "esft-shared", "esft-router", "esft-lora-r8",
-                    "esft-lora-r32"]
+                    "esft-lora-r32", "esft-lora-r8-p0.5"]
 ROUTER_FIRST = Variant("ESFT-Token (router-first)", "esft", "esft", "token", 0.2, router_stage=True)
-_RANKED = re.compile(r"(esft-lora|lora)-r([1-9][0-9]*)")
-_RANKED_NAME = re.compile(r"(ESFT-LoRA|LoRA) r=([1-9][0-9]*)")
+_RANKED = re.compile(r"(esft-lora|lora)-r([1-9][0-9]*)(?:-p([0-9.]+))?")  # -p: ESFT-LoRA on ESFT-Token's top p
+_RANKED_NAME = re.compile(r"(ESFT-LoRA|LoRA) r=([1-9][0-9]*)(?: p=([0-9.]+))?")
 GRIDS = {"esft": "sweep_esft", "full": "sweep_full", "lora": "sweep_lora", "esft_lora": "sweep_esft_lora"}
 
 
-def _ranked_variant(kind: str, rank: int) -> Variant:
+def _ranked_variant(kind: str, rank: int, p: str | None = None) -> Variant:
+    """LoRA r=N, or ESFT-LoRA r=N on ESFT-Token's selection at p (default 0.2, unnamed: the ledger's keys)."""
     if kind == "lora":
+        if p is not None:
+            raise ValueError(f"lora-r{rank}-p{p}: a p applies to esft-lora only (LoRA adapts every expert)")
         return Variant(f"LoRA r={rank}", "lora", "lora", rank=rank)
-    return Variant(f"ESFT-LoRA r={rank}", "esft-lora", "esft_lora", "token", 0.2, rank=rank)
+    top_p = 0.2
+    if p is not None:
+        try:
+            top_p = float(p)
+        except ValueError:
+            top_p = -1.0
+        if not 0 < top_p <= 1:
+            raise ValueError(f"esft-lora-r{rank}-p{p}: p must be a number in (0, 1], e.g. esft-lora-r8-p0.5")
+    return Variant(f"ESFT-LoRA r={rank}" + ("" if top_p == 0.2 else f" p={top_p:g}"), "esft-lora", "esft_lora",
+                   "token", top_p, rank=rank)
 
 
 def canonical_method(mid: str) -> str:
@@ -67,16 +79,17 @@ def canonical_method(mid: str) -> str:
 
 def front_variant(mid: str) -> Variant:
     """The variant a front method trains. Ids: full, lora (r=8), esft (ESFT-Token), esft-shared (+ shared
-    experts), esft-router (router-first selection), lora-r<N>, esft-lora-r<N>."""
+    experts), esft-router (router-first selection), lora-r<N>, esft-lora-r<N>, esft-lora-r<N>-p<P>."""
     mid = canonical_method(mid)
     fixed = {"full": MAIN[0], "lora": MAIN[1], "esft": MAIN[2], "esft-shared": ABLATIONS[2], "esft-router": ROUTER_FIRST}
     if mid in fixed:
         return fixed[mid]
     m = _RANKED.fullmatch(mid) if isinstance(mid, str) else None
     if m:
-        return _ranked_variant(m.group(1), int(m.group(2)))
+        return _ranked_variant(m.group(1), int(m.group(2)), m.group(3))
     raise ValueError(f"unknown report method {mid!r}; known: full, lora, esft, esft-shared, esft-router, lora-r<N> "
-                     "(LoRA of rank N), esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts), e.g. "
+                     "(LoRA of rank N), esft-lora-r<N> (LoRA of rank N on ESFT-Token's experts), esft-lora-r<N>-p<P> "
+                     "(on ESFT-Token's experts at top_p P), e.g. "
                      + ", ".join(EXTENDED_METHODS))
 
 
@@ -95,7 +108,7 @@ def variant_by_name(name: str, p_values: list[float] = ()) -> Variant:
             return v
     m = _RANKED_NAME.fullmatch(name)
     if m:
-        return _ranked_variant("lora" if m.group(1) == "LoRA" else "esft-lora", int(m.group(2)))
+        return _ranked_variant("lora" if m.group(1) == "LoRA" else "esft-lora", int(m.group(2)), m.group(3))
     raise KeyError(name)
 
 

@@ -13,8 +13,8 @@ MiB = 2**20
 # said beside run times when a report reused runs from its ledger (resumed, or grown by new methods)
 SITTINGS = ("Times come from the runs themselves, and this report reused runs of earlier sittings from its ledger: "
             "the machine's load differed between sittings, so methods run in different sittings can differ in time "
-            "by more than their cost does. `benchmarks/train_efficiency.py` measures ESFT's, ESFT-LoRA's and full "
-            "fine-tuning's step times side by side.")
+            "by more than their cost does. `make bench-methods` (`benchmarks/method_costs.py`) times every method of "
+            "the front side by side.")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -427,7 +427,8 @@ def method_lines(state: dict, names: dict[str, str]) -> list[str]:
             d = (f"PEFT LoRA of rank {r} (alpha {2 * r}) on every attention projection and on the fused expert "
                  f"tensors (one rank-{r} pair per routed expert)")
         elif v.method == "esft-lora":
-            d = (f"LoRA of rank {r} (alpha {2 * r}) on gate_up_proj and down_proj of the experts ESFT-Token selects, "
+            d = (f"LoRA of rank {r} (alpha {2 * r}) on gate_up_proj and down_proj of the experts ESFT-Token selects"
+                 + ("" if v.top_p == 0.2 else f" at p = {v.top_p:g}") + ", "
                  "nothing else (MoE-Sieve's setting); stored as a PEFT adapter, whose 3-D layout holds every expert's "
                  "rows (the unselected ones zero)")
         elif v.router_stage:
