@@ -502,8 +502,8 @@ def pick_lines(state: dict, mf: dict) -> list[str]:
         vals = {v: _col(m["average"], i) for v, m in mf.items()}
         means = {v: mean_std(x)[0] for v, x in vals.items()}
 
-        def choose(candidates: list[str]) -> tuple[list[str], str]:
-            """(candidates by score, best first, with those within seed noise of the best; the smallest of these)"""
+        def choose(candidates: list[str]) -> tuple[list[str], list[str], str]:
+            """(candidates by score, best first; those within seed noise of the best; the smallest of those)"""
             order = sorted(candidates, key=lambda v: (-means[v], size[v]))
             tied = [v for v in order if v == order[0] or compare(vals[v], vals[order[0]]) == "tie"]
             return order, tied, min(tied, key=lambda v: (size[v], -means[v]))
