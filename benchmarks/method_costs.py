@@ -50,10 +50,6 @@ def parse_args(argv=None):
     return a
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix == ".safetensors")
-
-
 def main(argv=None) -> int:
     import torch
     from rich.console import Console
@@ -62,6 +58,7 @@ def main(argv=None) -> int:
     from esft.report.config import ReportConfig
     from esft.report.plan import Run, front_variant
     from esft.report.run import Runner, prepare
+    from esft.report.worker import weight_bytes  # the report's "stored weights": the .safetensors a user keeps
     from esft.training.config import TrainConfig
     from esft.training.recipe import train
 
@@ -90,7 +87,7 @@ def main(argv=None) -> int:
                 res = train(TrainConfig(**kw), progress=False)
                 steps[m].append(res.step_seconds)
                 facts[m] = {"trainable_params": res.trainable_params, "optimizer_state_bytes": res.optimizer_state_bytes,
-                            "stored_bytes": dir_bytes(Path(res.adapter_dir or Path(kw["output_dir"]) / "last"))}
+                            "stored_bytes": weight_bytes(Path(res.best_dir))}
                 console.print(f"[dim]round {rnd + 1}/{args.rounds} {names[m]}: {res.step_seconds * 1e3:.0f} ms/step[/dim]")
     total = prep["model_params"]
     ref = statistics.median(steps["esft"]) if "esft" in steps else None

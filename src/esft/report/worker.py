@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-def _weight_bytes(path: Path) -> int:
+def weight_bytes(path: Path) -> int:
     """Bytes of the weight files a user keeps: the ESFT/LoRA adapter or the fine-tuned checkpoint."""
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
@@ -82,7 +82,7 @@ def execute(job: dict) -> dict:
     else:  # runs in the report's own process (workers=0): its peak RSS is not this run's
         peak, peak_kind = None, "not measured (workers=0)"
     best = Path(res.best_dir)
-    artifact = _weight_bytes(best)
+    artifact = weight_bytes(best)
 
     t0 = time.perf_counter()
     if cfg.method == "full":
